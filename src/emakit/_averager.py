@@ -1,0 +1,467 @@
+"""Storage and bookkeeping shared by every average of a model's weights.
+
+An ``_Averager`` holds ``K`` averages ("profiles") of a model's tensors. It decides what is
+averaged, copied or left in the model; stores the averages in one flat buffer per group of
+tensors that share dtypes and devices (views per name); binds to any view of the model
+(DDP, compiled) by normalised names; and runs the update kernels. It knows nothing about
+schedules or time: the public classes (``EMA``, ``PowerEMA``) supply the coefficients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from ._model import Slot, default_average_dtype, is_float, model_slots, normalize_name
+
+_BUFFER_MODES = ("average", "copy")
+
+
+@dataclass
+class _Layout:
+    """How one group is cut into chunks: pieces per batch, for every profile and the scratch."""
+
+    batches: list[list[kernels.Piece]]
+    pieces: list[list[list[Tensor]]]  # [profile][batch] -> tensors
+    scratch: list[list[Tensor]] | None  # [batch] -> staging tensors, or None when not staged
+
+
+def _cut(
+    targets: list[list[Tensor]], shapes: list[torch.Size], scratch: Tensor | None, chunk: int
+) -> _Layout:
+    """Layout for tensors whose per-profile targets are ``targets[k][i]`` (dense, shaped ``shapes[i]``)."""
+    numels = [s.numel() for s in shapes]
+    batches = kernels.plan_pieces(numels, chunk)
+    flats: list[dict[int, Tensor]] = [{} for _ in targets]
+
+    def piece_of(k: int, p: kernels.Piece) -> Tensor:
+        t = targets[k][p.index]
+        if p.whole:
+            return t
+        flat = flats[k].get(p.index)
+        if flat is None:
+            flat = flats[k][p.index] = kernels.flat_view(t)
+        return flat[p.start : p.start + p.numel]
+
+    pieces = [[[piece_of(k, p) for p in batch] for batch in batches] for k in range(len(targets))]
+    staged = None
+    if scratch is not None:
+        staged = []
+        for batch in batches:
+            row, offset = [], 0
+            for p in batch:
+                view = scratch[offset : offset + p.numel]
+                row.append(view.view(shapes[p.index]) if p.whole else view)
+                offset += p.numel
+            staged.append(row)
+    return _Layout(batches, pieces, staged)
+
+
+@dataclass
+class _Group:
+    """Averaged tensors sharing (kind, source dtype/device, average dtype/device), stored flat."""
+
+    is_param: bool
+    source_dtype: torch.dtype
+    source_device: torch.device
+    dtype: torch.dtype
+    device: torch.device
+    names: list[str]
+    shapes: list[torch.Size]
+    strides: list[tuple[int, ...]]
+    offsets: list[int]
+    buffer: Tensor  # (K, numel)
+    views: list[list[Tensor]]  # [profile][tensor]
+    staged: bool  # source dtype/device differ from the average's
+    layout: _Layout | None = None  # per tensor, when staged or K > 1
+    region_layout: _Layout | None = None  # one flat source region, built on first need
+
+    @property
+    def numel(self) -> int:
+        return self.buffer.shape[1]
+
+
+@dataclass
+class _Binding:
+    """A model bound to the averages: where to read each tensor, checked once."""
+
+    sources: list[list[tuple[dict, str]]]  # per group: (table, attr) per tensor
+    copies: list[tuple[dict, str]]
+    regions: list[Tensor | None]  # per group: one flat view over all its sources, if laid out so
+    region_ptrs: list[tuple[int, int] | None]
+
+
+@dataclass
+class _Spec:
+    """What goes where, decided once at construction."""
+
+    average: list[str] = field(default_factory=list)
+    copy: list[str] = field(default_factory=list)
+    live: list[str] = field(default_factory=list)
+
+
+class _Averager:
+    """``K`` averages of a model's tensors. Subclasses supply the update coefficients."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_profiles: int,
+        *,
+        buffers: str = "average",
+        include: Callable[[str], bool] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if buffers not in _BUFFER_MODES:
+            raise ValueError(f"{owner}: buffers must be one of {_BUFFER_MODES}, got buffers={buffers!r}")
+        if include is not None and not callable(include):
+            raise TypeError(f"{owner}: include must be a callable name -> bool, got {include!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{owner}: dtype must be a floating torch.dtype or None, got dtype={dtype!r}")
+        self._owner = owner
+        self._model = model
+        self._buffers_mode = buffers
+        self._dtype = dtype
+        self._device = torch.device(device) if device is not None else None
+        self._swapped = False
+
+        slots, self._aliases = model_slots(model)
+        spec = _Spec()
+        tensors: dict[str, Tensor] = {}
+        for name, slot in slots.items():
+            t = slot.get()
+            if type(t) is not Tensor and not isinstance(t, nn.Parameter):
+                raise NotImplementedError(
+                    f"{owner}: tensor {name!r} is a {type(t).__name__}; sharded (DTensor) and other "
+                    f"tensor subclasses are not supported yet"
+                )
+            tensors[name] = t
+            included = include is None or bool(include(name))
+            if slot.is_param:
+                kind = "average" if (included and t.requires_grad and is_float(t)) else "live"
+            elif not included:
+                kind = "live"
+            elif is_float(t) and buffers == "average":
+                kind = "average"
+            else:
+                kind = "copy"  # integer / bool buffers, and float buffers with buffers="copy"
+            getattr(spec, kind).append(name)
+        self._spec = spec
+        self._slots = slots
+
+        # Group the averaged tensors and allocate one flat (K, numel) buffer per group.
+        grouped: dict[tuple, list[str]] = {}
+        for name in spec.average:
+            t = tensors[name]
+            avg_dtype = dtype or default_average_dtype(t.dtype)
+            avg_device = self._device or t.device
+            key = (slots[name].is_param, t.dtype, t.device, avg_dtype, avg_device)
+            grouped.setdefault(key, []).append(name)
+        self._groups: list[_Group] = []
+        self._scratch: dict[tuple, Tensor] = {}
+        with torch.no_grad():
+            for (is_param, src_dtype, src_device, avg_dtype, avg_device), names in grouped.items():
+                self._groups.append(
+                    self._make_group(
+                        names, tensors, num_profiles, is_param, src_dtype, src_device, avg_dtype, avg_device
+                    )
+                )
+            self._copies = {
+                name: tensors[name].detach().to(self._device or tensors[name].device, copy=True)
+                for name in spec.copy
+            }
+        self._num_profiles = num_profiles
+        self._bindings: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
+
+    # ------------------------------------------------------------------ construction
+
+    def _make_group(
+        self,
+        names: list[str],
+        tensors: dict[str, Tensor],
+        k: int,
+        is_param: bool,
+        src_dtype: torch.dtype,
+        src_device: torch.device,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> _Group:
+        shapes, strides, offsets = [], [], []
+        total = 0
+        for name in names:
+            t = tensors[name]
+            if not kernels.is_dense(t):
+                raise ValueError(
+                    f"{self._owner}: tensor {name!r} (shape {tuple(t.shape)}, stride {t.stride()}) "
+                    f"has gaps or overlaps in memory; averaging needs dense tensors"
+                )
+            shapes.append(t.shape)
+            # Keep the source's memory format (e.g. channels_last) so chunks line up element for element.
+            strides.append(t.stride() if not t.is_contiguous() else _contiguous_strides(t.shape))
+            offsets.append(total)
+            total += t.numel()
+        buffer = torch.empty((k, total), dtype=dtype, device=device)
+        views = [
+            [buffer[j].as_strided(s, st, buffer[j].storage_offset() + o) for s, st, o in zip(shapes, strides, offsets)]
+            for j in range(k)
+        ]
+        for j in range(k):
+            torch._foreach_copy_(views[j], [tensors[n].detach() for n in names])
+        staged = src_dtype != dtype or src_device != device
+        group = _Group(is_param, src_dtype, src_device, dtype, device, names, shapes, strides, offsets, buffer, views, staged)
+        if staged or k > 1:
+            group.layout = _cut(views, shapes, self._scratch_for(group), kernels.chunk_numel(device))
+        return group
+
+    def _scratch_for(self, group: _Group) -> Tensor | None:
+        if not group.staged:
+            return None
+        key = (group.dtype, group.device)
+        need = min(kernels.chunk_numel(group.device), group.numel)
+        have = self._scratch.get(key)
+        if have is None or have.numel() < need:
+            self._scratch[key] = have = torch.empty(need, dtype=group.dtype, device=group.device)
+        return have
+
+    # ------------------------------------------------------------------ binding to a model
+
+    def _bind(self, model: nn.Module | None) -> _Binding:
+        model = self._model if model is None else model
+        binding = self._bindings.get(model)
+        if binding is None:
+            binding = self._bindings[model] = self._make_binding(model)
+        return binding
+
+    def _make_binding(self, model: nn.Module) -> _Binding:
+        """Match ``model``'s tensors to ours by normalised name; raise naming the first mismatch."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{self._owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+        slots, _ = model_slots(model)
+        ours = set(self._spec.average) | set(self._spec.copy) | set(self._spec.live)
+        missing = [n for n in ours if n not in slots]
+        if missing:
+            raise ValueError(f"{self._owner}: the model has no tensor named {sorted(missing)[0]!r} "
+                             f"({len(missing)} of {len(ours)} names missing)")
+        unexpected = [n for n in slots if n not in ours]
+        if unexpected:
+            raise ValueError(f"{self._owner}: the model has a tensor {unexpected[0]!r} that this average "
+                             f"does not track ({len(unexpected)} unexpected names)")
+        sources = []
+        for group in self._groups:
+            row = []
+            for name, shape in zip(group.names, group.shapes):
+                t = self._check_slot(slots[name], shape, group.source_dtype, group.source_device)
+                row.append((slots[name].table, slots[name].attr))
+                del t
+            sources.append(row)
+        copies = []
+        for name, stored in self._copies.items():
+            self._check_slot(slots[name], stored.shape, stored.dtype, None)
+            copies.append((slots[name].table, slots[name].attr))
+        regions, ptrs = [], []
+        for group, row in zip(self._groups, sources):
+            region = _flat_region([tbl[a] for tbl, a in row], group)
+            regions.append(region)
+            if region is None:
+                ptrs.append(None)
+            else:
+                first, last = row[0], row[-1]
+                ptrs.append((first[0][first[1]].data_ptr(), last[0][last[1]].data_ptr()))
+                if group.region_layout is None and (group.staged or group.buffer.shape[0] > 1):
+                    group.region_layout = _cut(
+                        [[group.buffer[j]] for j in range(group.buffer.shape[0])],
+                        [torch.Size([group.numel])],
+                        self._scratch_for(group),
+                        kernels.chunk_numel(group.device),
+                    )
+        return _Binding(sources, copies, regions, ptrs)
+
+    def _check_slot(self, slot: Slot, shape: torch.Size, dtype: torch.dtype, device: torch.device | None) -> Tensor:
+        t = slot.get()
+        if t.shape != shape:
+            raise ValueError(f"{self._owner}: tensor {slot.name!r} has shape {tuple(t.shape)} in the model, "
+                             f"expected {tuple(shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{self._owner}: tensor {slot.name!r} has dtype {t.dtype} in the model, expected "
+                             f"{dtype} (the dtype it had when the average was created)")
+        if device is not None and t.device != device:
+            raise ValueError(f"{self._owner}: tensor {slot.name!r} is on {t.device} in the model, expected {device}")
+        return t
+
+    def _fresh_binding(self, model: nn.Module | None) -> _Binding:
+        """The binding, re-checked cheaply: rebuilt when the model's tensors were moved or cast."""
+        target = self._model if model is None else model
+        binding = self._bind(target)
+        for group, row in zip(self._groups, binding.sources):
+            t = row[0][0][row[0][1]]
+            if t.dtype != group.source_dtype or t.device != group.source_device:
+                del self._bindings[target]
+                return self._bind(target)  # raises the precise error
+        return binding
+
+    # ------------------------------------------------------------------ the update
+
+    def _assert_not_swapped(self, what: str) -> None:
+        if self._swapped:
+            raise RuntimeError(f"{self._owner}.{what}() called inside swapped(): the model holds the averaged "
+                               f"weights there; leave the with-block first")
+
+    @staticmethod
+    def _all_finite(binding: _Binding) -> bool:
+        norms = []
+        for row in binding.sources:
+            tensors = [tbl[a] for tbl, a in row]
+            if tensors:
+                norms.extend(torch._foreach_norm(tensors, float("inf")))
+        if not norms:
+            return True
+        # One host synchronisation, only when the non-finite guard is on.
+        return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+
+    @torch.no_grad()
+    def _apply(self, binding: _Binding, coefficients: list[float]) -> None:
+        """Move profile ``k`` by ``coefficients[k] = 1 - decay_k`` toward the bound model."""
+        for group, row, region, ptrs in zip(self._groups, binding.sources, binding.regions, binding.region_ptrs):
+            if region is not None:
+                first, last = row[0], row[-1]
+                if (first[0][first[1]].data_ptr(), last[0][last[1]].data_ptr()) != ptrs:
+                    region = None  # the parameters were re-allocated since binding
+            if region is not None and group.region_layout is None:
+                kernels.lerp_([group.buffer[0]], [region], coefficients[0])
+            elif region is not None:
+                layout = group.region_layout
+                kernels.multi_lerp_(layout.pieces, [region], layout.batches, coefficients, layout.scratch)
+            elif group.layout is None:
+                kernels.lerp_(group.views[0], [tbl[a] for tbl, a in row], coefficients[0])
+            else:
+                layout = group.layout
+                sources = [tbl[a] for tbl, a in row]
+                kernels.multi_lerp_(layout.pieces, sources, layout.batches, coefficients, layout.scratch)
+        if binding.copies:
+            dst = list(self._copies.values())
+            src = [tbl[a] for tbl, a in binding.copies]
+            for d, s in zip(dst, src):
+                d.copy_(s)
+
+    # ------------------------------------------------------------------ reading the averages
+
+    def _average_tensors(self, k: int) -> Iterator[tuple[str, Tensor, _Group, int]]:
+        for group in self._groups:
+            for i, name in enumerate(group.names):
+                yield name, group.views[k][i], group, i
+
+    def _averaged_state_dict(self, k: int, dtype: str) -> dict[str, Tensor]:
+        if dtype not in ("model", "average"):
+            raise ValueError(f"{self._owner}.averaged_state_dict: dtype must be 'model' or 'average', got {dtype!r}")
+        values: dict[str, Any] = {}
+        for name, view, group, _ in self._average_tensors(k):
+            values[name] = view.to(group.source_dtype) if dtype == "model" else view
+        values.update(self._copies)
+        out: dict[str, Any] = {}
+        for raw, value in self._model.state_dict().items():
+            name = normalize_name(raw)
+            primary = self._aliases.get(name, name)
+            out[name] = values.get(primary, value)
+        return out
+
+    @torch.no_grad()
+    def _copy_into(self, binding: _Binding, k: int) -> None:
+        for group, row in zip(self._groups, binding.sources):
+            for (tbl, attr), view in zip(row, group.views[k]):
+                tbl[attr].copy_(view)
+        for (tbl, attr), stored in zip(binding.copies, self._copies.values()):
+            tbl[attr].copy_(stored)
+
+    @contextlib.contextmanager
+    def _swap(self, model: nn.Module | None, k: int, backup_device: torch.device | str | None) -> Iterator[None]:
+        self._assert_not_swapped("swapped")
+        binding = self._fresh_binding(model)
+        targets = [tbl[a] for row in binding.sources for tbl, a in row] + [tbl[a] for tbl, a in binding.copies]
+        with torch.no_grad():
+            backup = [t.detach().to(backup_device or t.device, copy=True) for t in targets]
+            self._copy_into(binding, k)
+        self._swapped = True
+        try:
+            yield
+        finally:
+            self._swapped = False
+            with torch.no_grad():
+                for t, saved in zip(targets, backup):
+                    t.copy_(saved)
+
+    # ------------------------------------------------------------------ state
+
+    def _tensor_state(self, k: int) -> dict[str, Tensor]:
+        return {name: view for name, view, _, _ in self._average_tensors(k)}
+
+    def _check_tensor_state(self, where: str, averages: Mapping[str, Any], copies: Mapping[str, Any]) -> None:
+        """Raise naming the first key whose presence, type or shape does not match."""
+        for label, given, expected in (
+            ("averages", averages, {n: v for n, v, _, _ in self._average_tensors(0)}),
+            ("copies", copies, self._copies),
+        ):
+            if not isinstance(given, Mapping):
+                raise TypeError(f"{where}: {label!r} must be a mapping of name -> tensor, got {type(given).__name__}")
+            for name in expected:
+                if name not in given:
+                    raise KeyError(f"{where}: missing tensor {name!r} in {label!r}")
+            for name, value in given.items():
+                if name not in expected:
+                    raise KeyError(f"{where}: unexpected tensor {name!r} in {label!r}; this "
+                                   f"{self._owner} does not track it")
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"{where}: {label}[{name!r}] must be a tensor, got {type(value).__name__}")
+                if value.shape != expected[name].shape:
+                    raise ValueError(f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(expected[name].shape)}")
+
+    @torch.no_grad()
+    def _load_tensors(self, where: str, k: int, averages: Mapping[str, Tensor], copies: Mapping[str, Tensor]) -> None:
+        cast = sorted({str(averages[n].dtype) for n, v, _, _ in self._average_tensors(k) if averages[n].dtype != v.dtype})
+        if cast:
+            warnings.warn(f"{where}: averages stored as {', '.join(cast)} were cast to this {self._owner}'s "
+                          f"dtype; its precision is unchanged", stacklevel=3)
+        for name, view, _, _ in self._average_tensors(k):
+            view.copy_(averages[name])
+        for name, stored in self._copies.items():
+            stored.copy_(copies[name])
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _flat_region(tensors: list[Tensor], group: _Group) -> Tensor | None:
+    """One 1-D view over ``tensors`` if they sit in one storage laid out exactly like ``group``'s buffer.
+
+    True for parameters made contiguous by :func:`emakit.contiguous_parameters_`: then the
+    whole group updates as one array.
+    """
+    if not tensors:
+        return None
+    first = tensors[0]
+    base = first.storage_offset()
+    storage = first.untyped_storage().data_ptr()
+    for t, off, stride in zip(tensors, group.offsets, group.strides):
+        if (
+            t.untyped_storage().data_ptr() != storage
+            or t.storage_offset() != base + off
+            or (t.stride() != stride and t.numel() > 1)
+        ):
+            return None
+    return first.detach().as_strided((group.numel,), (1,), base)

@@ -1,0 +1,94 @@
+"""Finding a model's tensors by name, whatever wrapper the model is in.
+
+DataParallel / DistributedDataParallel put the model under ``module.``; ``torch.compile``
+puts it (or a compiled submodule) under ``_orig_mod.``. Names are compared after removing
+those parts, so an average built on the plain model accepts the wrapped one and its state
+dicts carry the plain model's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+_WRAPPER_PREFIX = "module."
+_COMPILE_PART = "_orig_mod"
+
+
+def normalize_name(name: str) -> str:
+    """Remove leading ``module.`` parts and every ``_orig_mod`` part of a dotted name.
+
+        >>> normalize_name("module._orig_mod.net.0.weight")
+        'net.0.weight'
+    """
+    while name.startswith(_WRAPPER_PREFIX):
+        name = name[len(_WRAPPER_PREFIX) :]
+    if _COMPILE_PART in name:
+        name = ".".join(part for part in name.split(".") if part != _COMPILE_PART)
+    return name
+
+
+@dataclass
+class Slot:
+    """Where one tensor of a model lives: ``module._parameters[attr]`` or ``module._buffers[attr]``."""
+
+    name: str  # normalised
+    module: nn.Module
+    attr: str
+    is_param: bool
+
+    @property
+    def table(self) -> dict[str, Tensor]:
+        return self.module._parameters if self.is_param else self.module._buffers  # type: ignore[return-value]
+
+    def get(self) -> Tensor:
+        return self.table[self.attr]
+
+
+def model_slots(model: nn.Module) -> tuple[dict[str, Slot], dict[str, str]]:
+    """The persistent tensors of ``model``: ``(slots by name, aliases)``.
+
+    ``slots`` maps each normalised name to where the tensor lives, in ``state_dict`` order.
+    A tensor reachable under several names (tied weights, shared submodules) is listed once,
+    under its first name; ``aliases`` maps every further name to that first one.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    slots: dict[str, Slot] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        entries = [(a, t, True) for a, t in module._parameters.items()]
+        entries += [
+            (a, t, False) for a, t in module._buffers.items() if a not in module._non_persistent_buffers_set
+        ]
+        for attr, tensor, is_param in entries:
+            if tensor is None:
+                continue
+            name = normalize_name(dot + attr)
+            if name in slots or name in aliases:
+                if first_name.get(id(tensor)) in (name, aliases.get(name)):
+                    continue  # the same tensor reached again through a shared module
+                raise ValueError(
+                    f"two different tensors of the model map to the name {name!r} once the "
+                    f"'module.' / '_orig_mod.' wrapper prefixes are removed"
+                )
+            key = id(tensor)
+            if key in first_name:
+                aliases[name] = first_name[key]
+            else:
+                first_name[key] = name
+                slots[name] = Slot(name, module, attr, is_param)
+    return slots, aliases
+
+
+def is_float(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def default_average_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision weights (an fp16/bf16 average at decay 0.9999 never moves), else the same."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,0 +1,279 @@
+"""``EMA``: an exponential moving average of a model's weights, updated after each optimizer step."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import schedules
+from ._averager import _Averager
+from ._model import normalize_name
+
+__all__ = ["EMA"]
+
+_FORMAT = "emakit.EMA"
+_VERSION = 1
+
+
+def next_time(owner: str, now: float, t: float | None, dt: float | None) -> tuple[float, float]:
+    """The ``(t, dt)`` of the next update from ``t`` and/or ``dt``; one step when neither is given."""
+    for label, value in (("t", t), ("dt", dt)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{owner}.update: {label} must be a number, got {label}={value!r}")
+    if t is None:
+        dt = 1 if dt is None else dt
+        if not dt > 0 or math.isinf(dt):
+            raise ValueError(f"{owner}.update: dt must be a finite number > 0, got dt={dt}")
+        return now + dt, dt
+    if not t > now or math.isinf(t):
+        raise ValueError(f"{owner}.update: t must be finite and later than the current time {now}, got t={t}")
+    if dt is not None and not math.isclose(now + dt, t, rel_tol=1e-12, abs_tol=1e-12):
+        raise ValueError(f"{owner}.update: t and dt disagree: the current time is {now}, so t={t} means "
+                         f"dt={t - now}, got dt={dt}")
+    return t, t - now
+
+
+def check_decay(owner: str, schedule: Any, t: float, dt: float) -> float:
+    decay = schedule(t, dt)
+    try:
+        decay = float(decay)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: schedule {schedule!r} returned {decay!r} at t={t}, dt={dt}; expected a float "
+                        f"decay in [0, 1]") from None
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"{owner}: schedule {schedule!r} returned decay={decay} at t={t}, dt={dt}; expected a "
+                         f"value in [0, 1]")
+    return decay
+
+
+def check_time(owner: str, t: Any) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise ValueError(f"{owner}: t must be a finite number >= 0, got t={t!r}")
+    return t
+
+
+class EMA(_Averager):
+    """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * weights``.
+
+    Give a constant ``decay`` or any ``schedule`` (``f(t, dt) -> decay``, see
+    :mod:`emakit.schedules`). At construction the average holds a copy of the model's
+    current tensors and ``t = 0``. Call :meth:`update` after every optimizer step.
+
+    What is averaged: trainable floating parameters, and floating buffers (BatchNorm running
+    statistics) unless ``buffers="copy"``. Integer and bool buffers (``num_batches_tracked``)
+    are always copied. Frozen parameters (``requires_grad=False``) and tensors rejected by
+    ``include(name)`` take no memory: they are read from the model when needed.
+
+    Precision and placement: averages of fp16/bf16 weights are kept in fp32 (a bf16 average
+    at decay 0.9999 never moves), other dtypes as they are; ``dtype=`` overrides. ``device=``
+    keeps the average elsewhere (e.g. ``"cpu"`` to save accelerator memory).
+
+    Args:
+        model: the module whose weights are averaged. It is not copied (works on modules
+            that cannot be deep-copied); the EMA keeps a reference to read frozen tensors.
+        decay: constant decay per unit of time, e.g. 0.9999; same as
+            ``schedule=schedules.constant(decay)``.
+        schedule: a decay schedule; give ``decay`` or ``schedule``, not both.
+        buffers: ``"average"`` (default) or ``"copy"`` for floating buffers.
+        include: ``include(name) -> bool`` selects the tensors to track (normalised names).
+        dtype: dtype of the averages (default: fp32 for half-precision weights).
+        device: device of the averages (default: the weights' device).
+        skip_nonfinite: skip an update (with a warning) when the model holds NaN or Inf.
+            Costs one host synchronisation per update.
+
+    Example::
+
+        ema = emakit.EMA(model, decay=0.9999)
+        for batch in loader:
+            loss(model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.update()
+        with ema.swapped():
+            evaluate(model)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float | None = None,
+        *,
+        schedule: Callable[[float, float], float] | None = None,
+        buffers: str = "average",
+        include: Callable[[str], bool] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        if decay is not None and schedule is not None:
+            raise ValueError(f"EMA: give decay or schedule, not both; got decay={decay}, schedule={schedule!r}")
+        if decay is None and schedule is None:
+            raise ValueError("EMA: give decay (e.g. decay=0.9999) or schedule (e.g. schedules.halflife(2000))")
+        if decay is not None:
+            schedule = schedules.constant(decay)
+        if not callable(schedule):
+            raise TypeError(f"EMA: schedule must be callable f(t, dt) -> decay, got {schedule!r}")
+        super().__init__(model, 1, buffers=buffers, include=include, dtype=dtype, device=device)
+        self.schedule = schedule
+        self.skip_nonfinite = bool(skip_nonfinite)
+        #: Time of the last update, in the caller's unit (0 at construction).
+        self.t: float = 0
+        #: Updates applied, and updates skipped because the model held NaN/Inf.
+        self.num_updates = 0
+        self.num_skipped = 0
+
+    def __repr__(self) -> str:
+        numel = sum(g.numel for g in self._groups)
+        return (f"EMA(schedule={self.schedule!r}, t={self.t}, num_updates={self.num_updates}, "
+                f"averaged={len(self._spec.average)} tensors / {numel} elements, copied={len(self._spec.copy)}, "
+                f"from model={len(self._spec.live)})")
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, model: nn.Module | None = None, *, t: float | None = None, dt: float | None = None) -> float:
+        """Move the average toward the model's current weights; returns the decay used.
+
+        With no time given, one unit passes (``dt=1``, one optimizer step). ``dt=k`` when
+        updating every ``k`` steps; ``t=`` for absolute time (e.g. images seen). ``model``
+        may be another view of the same model (DDP, ``torch.compile``); by default the
+        model given at construction. No host synchronisation unless ``skip_nonfinite``.
+        """
+        self._assert_not_swapped("update")
+        new_t, step = next_time("EMA", self.t, t, dt)
+        decay = check_decay("EMA", self.schedule, new_t, step)
+        binding = self._fresh_binding(model)
+        if self.skip_nonfinite and not self._all_finite(binding):
+            warnings.warn(f"EMA: skipped the update at t={new_t}: the model holds NaN or Inf; the average is "
+                          f"unchanged and time moves on", RuntimeWarning, stacklevel=2)
+            self.t = new_t
+            self.num_skipped += 1
+            return decay
+        self._apply(binding, [1.0 - decay])
+        self.t = new_t
+        self.num_updates += 1
+        return decay
+
+    # ------------------------------------------------------------------ using the average
+
+    def averaged_state_dict(self, *, dtype: str = "model") -> dict[str, Tensor]:
+        """The model's full state dict with the averaged values (keys of the plain model).
+
+        Averaged and copied tensors come from the EMA, frozen/excluded ones from the model.
+        ``dtype="model"`` (default) casts to the model's dtypes, ready for
+        ``model.load_state_dict``; ``dtype="average"`` keeps the EMA's precision. Tensors
+        that need no cast share memory with the EMA: clone them to keep them past the next
+        update.
+        """
+        return self._averaged_state_dict(0, dtype)
+
+    def swapped(self, model: nn.Module | None = None, *, backup_device: torch.device | str | None = None):
+        """Context manager: the model holds the averaged weights inside, its own ones after.
+
+        The model's averaged and copied tensors are backed up (on ``backup_device``,
+        default their own device), overwritten with the average, and restored on exit, also
+        when the body raises. ``update`` is refused inside.
+
+            with ema.swapped():
+                evaluate(model)
+        """
+        return self._swap(model, 0, backup_device)
+
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Write the averaged (and copied) tensors into ``model`` (matched by normalised name)."""
+        self._assert_not_swapped("copy_to")
+        self._copy_into(self._make_binding(self._model if model is None else model), 0)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _config(self) -> dict[str, str]:
+        return {
+            "schedule": repr(self.schedule),
+            "buffers": self._buffers_mode,
+            "dtypes": ",".join(sorted({str(g.dtype) for g in self._groups})),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: averages and copies by name, time, counters, config.
+
+        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``. The tensors
+        share memory with the EMA.
+        """
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "t": self.t,
+            "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
+            "config": self._config(),
+            "averages": self._tensor_state(0),
+            "copies": dict(self._copies),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; continuing gives bit-identical results to never stopping.
+
+        Everything is checked before anything changes: a wrong format, a missing or
+        unexpected name or a wrong shape raises and leaves the EMA as it was. This EMA's own
+        settings (schedule, dtype, device) are kept; a stored config that differs is
+        reported with a warning.
+        """
+        where = "EMA.load_state_dict"
+        self._assert_not_swapped("load_state_dict")
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{where}: expected a mapping, got {type(state_dict).__name__}")
+        if state_dict.get("format") != _FORMAT:
+            hint = " (a model state dict? use load_averaged_state_dict)" if "format" not in state_dict else ""
+            raise ValueError(f"{where}: not an EMA state dict: format={state_dict.get('format')!r}, expected "
+                             f"{_FORMAT!r}{hint}")
+        version = state_dict.get("version")
+        if not isinstance(version, int) or version > _VERSION:
+            raise ValueError(f"{where}: state dict version {version!r} is not supported (this emakit reads up to "
+                             f"{_VERSION})")
+        t = check_time(where, state_dict.get("t"))
+        counts = {}
+        for key in ("num_updates", "num_skipped"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {key} must be an int >= 0, got {key}={value!r}")
+            counts[key] = value
+        self._check_tensor_state(where, state_dict.get("averages"), state_dict.get("copies"))
+        stored = state_dict.get("config", {})
+        ours = self._config()
+        diffs = [f"{k}: stored {stored.get(k)!r}, this EMA {v!r}" for k, v in ours.items()
+                 if isinstance(stored, Mapping) and k in stored and stored[k] != v]
+        if diffs:
+            warnings.warn(f"{where}: the state dict was saved with other settings; keeping this EMA's "
+                          f"({'; '.join(diffs)})", stacklevel=2)
+        self._load_tensors(where, 0, state_dict["averages"], state_dict["copies"])
+        self.t = t
+        self.num_updates = counts["num_updates"]
+        self.num_skipped = counts["num_skipped"]
+
+    def load_averaged_state_dict(self, state_dict: Mapping[str, Any], *, t: float | None = None) -> None:
+        """Load averaged weights from a plain model state dict (e.g. a timm checkpoint).
+
+        Accepts a model ``state_dict`` (keys with or without ``module.`` / ``_orig_mod.``
+        prefixes) or a checkpoint holding one under ``"state_dict_ema"`` (timm). Keys the EMA
+        does not store (frozen tensors) are ignored. Time is set to ``t`` when given, else
+        kept.
+        """
+        where = "EMA.load_averaged_state_dict"
+        self._assert_not_swapped("load_averaged_state_dict")
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{where}: expected a mapping, got {type(state_dict).__name__}")
+        if "state_dict_ema" in state_dict:
+            state_dict = state_dict["state_dict_ema"]
+        if t is not None:
+            t = check_time(where, t)
+        named = {normalize_name(k): v for k, v in state_dict.items()}
+        averages = {n: named[n] for n in self._spec.average if n in named}
+        copies = {n: named[n] for n in self._spec.copy if n in named}
+        self._check_tensor_state(where, averages, copies)
+        self._load_tensors(where, 0, averages, copies)
+        if t is not None:
+            self.t = t
+
