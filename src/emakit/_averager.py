@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +34,7 @@ class _Layout:
     scratch: list[list[Tensor]] | None  # [batch] -> staging tensors, or None when not staged
 
 
-def _cut(
-    targets: list[list[Tensor]], shapes: list[torch.Size], scratch: Tensor | None, chunk: int
-) -> _Layout:
+def _cut(targets: list[list[Tensor]], shapes: list[torch.Size], scratch: Tensor | None, chunk: int) -> _Layout:
     """Layout for tensors whose per-profile targets are ``targets[k][i]`` (dense, shaped ``shapes[i]``)."""
     numels = [s.numel() for s in shapes]
     batches = kernels.plan_pieces(numels, chunk)
@@ -178,8 +177,7 @@ class _Averager:
                     )
                 )
             self._copies = {
-                name: tensors[name].detach().to(self._device or tensors[name].device, copy=True)
-                for name in spec.copy
+                name: tensors[name].detach().to(self._device or tensors[name].device, copy=True) for name in spec.copy
             }
         self._num_profiles = num_profiles
         self._bindings: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
@@ -219,7 +217,9 @@ class _Averager:
         for j in range(k):
             torch._foreach_copy_(views[j], [tensors[n].detach() for n in names])
         staged = src_dtype != dtype or src_device != device
-        group = _Group(is_param, src_dtype, src_device, dtype, device, names, shapes, strides, offsets, buffer, views, staged)
+        group = _Group(
+            is_param, src_dtype, src_device, dtype, device, names, shapes, strides, offsets, buffer, views, staged
+        )
         if staged or k > 1:
             group.layout = _cut(views, shapes, self._scratch_for(group), kernels.chunk_numel(device))
         return group
@@ -248,15 +248,18 @@ class _Averager:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self._owner}: model must be a torch.nn.Module, got {type(model).__name__}")
         slots, _ = model_slots(model)
-        ours = set(self._spec.average) | set(self._spec.copy) | set(self._spec.live)
-        missing = [n for n in ours if n not in slots]
+        missing = [n for n in self._slots if n not in slots]
         if missing:
-            raise ValueError(f"{self._owner}: the model has no tensor named {sorted(missing)[0]!r} "
-                             f"({len(missing)} of {len(ours)} names missing)")
-        unexpected = [n for n in slots if n not in ours]
+            raise ValueError(
+                f"{self._owner}: the model has no tensor named {missing[0]!r} "
+                f"({len(missing)} of {len(self._slots)} names missing)"
+            )
+        unexpected = [n for n in slots if n not in self._slots]
         if unexpected:
-            raise ValueError(f"{self._owner}: the model has a tensor {unexpected[0]!r} that this average "
-                             f"does not track ({len(unexpected)} unexpected names)")
+            raise ValueError(
+                f"{self._owner}: the model has a tensor {unexpected[0]!r} that this average "
+                f"does not track ({len(unexpected)} unexpected names)"
+            )
         sources = []
         for group in self._groups:
             row = []
@@ -290,11 +293,14 @@ class _Averager:
     def _check_slot(self, slot: Slot, shape: torch.Size, dtype: torch.dtype, device: torch.device | None) -> Tensor:
         t = slot.get()
         if t.shape != shape:
-            raise ValueError(f"{self._owner}: tensor {slot.name!r} has shape {tuple(t.shape)} in the model, "
-                             f"expected {tuple(shape)}")
+            raise ValueError(
+                f"{self._owner}: tensor {slot.name!r} has shape {tuple(t.shape)} in the model, expected {tuple(shape)}"
+            )
         if t.dtype != dtype:
-            raise ValueError(f"{self._owner}: tensor {slot.name!r} has dtype {t.dtype} in the model, expected "
-                             f"{dtype} (the dtype it had when the average was created)")
+            raise ValueError(
+                f"{self._owner}: tensor {slot.name!r} has dtype {t.dtype} in the model, expected "
+                f"{dtype} (the dtype it had when the average was created)"
+            )
         if device is not None and t.device != device:
             raise ValueError(f"{self._owner}: tensor {slot.name!r} is on {t.device} in the model, expected {device}")
         return t
@@ -314,8 +320,10 @@ class _Averager:
 
     def _assert_not_swapped(self, what: str) -> None:
         if self._swapped:
-            raise RuntimeError(f"{self._owner}.{what}() called inside swapped(): the model holds the averaged "
-                               f"weights there; leave the with-block first")
+            raise RuntimeError(
+                f"{self._owner}.{what}() called inside swapped(): the model holds the averaged "
+                f"weights there; leave the with-block first"
+            )
 
     @staticmethod
     def _all_finite(binding: _Binding) -> bool:
@@ -418,20 +426,28 @@ class _Averager:
                     raise KeyError(f"{where}: missing tensor {name!r} in {label!r}")
             for name, value in given.items():
                 if name not in expected:
-                    raise KeyError(f"{where}: unexpected tensor {name!r} in {label!r}; this "
-                                   f"{self._owner} does not track it")
+                    raise KeyError(
+                        f"{where}: unexpected tensor {name!r} in {label!r}; this {self._owner} does not track it"
+                    )
                 if not isinstance(value, Tensor):
                     raise TypeError(f"{where}: {label}[{name!r}] must be a tensor, got {type(value).__name__}")
                 if value.shape != expected[name].shape:
-                    raise ValueError(f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
-                                     f"{tuple(expected[name].shape)}")
+                    raise ValueError(
+                        f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
+                        f"{tuple(expected[name].shape)}"
+                    )
 
     @torch.no_grad()
     def _load_tensors(self, where: str, k: int, averages: Mapping[str, Tensor], copies: Mapping[str, Tensor]) -> None:
-        cast = sorted({str(averages[n].dtype) for n, v, _, _ in self._average_tensors(k) if averages[n].dtype != v.dtype})
+        cast = sorted(
+            {str(averages[n].dtype) for n, v, _, _ in self._average_tensors(k) if averages[n].dtype != v.dtype}
+        )
         if cast:
-            warnings.warn(f"{where}: averages stored as {', '.join(cast)} were cast to this {self._owner}'s "
-                          f"dtype; its precision is unchanged", stacklevel=3)
+            warnings.warn(
+                f"{where}: averages stored as {', '.join(cast)} were cast to this {self._owner}'s "
+                f"dtype; its precision is unchanged",
+                stacklevel=3,
+            )
         for name, view, _, _ in self._average_tensors(k):
             view.copy_(averages[name])
         for name, stored in self._copies.items():

@@ -20,8 +20,8 @@ _COMPILE_PART = "_orig_mod"
 def normalize_name(name: str) -> str:
     """Remove leading ``module.`` parts and every ``_orig_mod`` part of a dotted name.
 
-        >>> normalize_name("module._orig_mod.net.0.weight")
-        'net.0.weight'
+    >>> normalize_name("module._orig_mod.net.0.weight")
+    'net.0.weight'
     """
     while name.startswith(_WRAPPER_PREFIX):
         name = name[len(_WRAPPER_PREFIX) :]
@@ -62,9 +62,7 @@ def model_slots(model: nn.Module) -> tuple[dict[str, Slot], dict[str, str]]:
     for prefix, module in model.named_modules(remove_duplicate=False):
         dot = prefix + "." if prefix else ""
         entries = [(a, t, True) for a, t in module._parameters.items()]
-        entries += [
-            (a, t, False) for a, t in module._buffers.items() if a not in module._non_persistent_buffers_set
-        ]
+        entries += [(a, t, False) for a, t in module._buffers.items() if a not in module._non_persistent_buffers_set]
         for attr, tensor, is_param in entries:
             if tensor is None:
                 continue

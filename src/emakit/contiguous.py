@@ -11,7 +11,9 @@ __all__ = ["contiguous_parameters_"]
 
 
 @torch.no_grad()
-def contiguous_parameters_(model: nn.Module, *, trainable_only: bool = True) -> dict[tuple[torch.device, torch.dtype], Tensor]:
+def contiguous_parameters_(
+    model: nn.Module, *, trainable_only: bool = True
+) -> dict[tuple[torch.device, torch.dtype], Tensor]:
     """Move the parameters into one flat buffer per (device, dtype); returns the buffers.
 
     Each parameter keeps its identity, shape, strides and value; only its storage changes

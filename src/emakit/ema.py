@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +33,9 @@ def next_time(owner: str, now: float, t: float | None, dt: float | None) -> tupl
     if not t > now or math.isinf(t):
         raise ValueError(f"{owner}.update: t must be finite and later than the current time {now}, got t={t}")
     if dt is not None and not math.isclose(now + dt, t, rel_tol=1e-12, abs_tol=1e-12):
-        raise ValueError(f"{owner}.update: t and dt disagree: the current time is {now}, so t={t} means "
-                         f"dt={t - now}, got dt={dt}")
+        raise ValueError(
+            f"{owner}.update: t and dt disagree: the current time is {now}, so t={t} means dt={t - now}, got dt={dt}"
+        )
     return t, t - now
 
 
@@ -42,11 +44,13 @@ def check_decay(owner: str, schedule: Any, t: float, dt: float) -> float:
     try:
         decay = float(decay)
     except (TypeError, ValueError):
-        raise TypeError(f"{owner}: schedule {schedule!r} returned {decay!r} at t={t}, dt={dt}; expected a float "
-                        f"decay in [0, 1]") from None
+        raise TypeError(
+            f"{owner}: schedule {schedule!r} returned {decay!r} at t={t}, dt={dt}; expected a float decay in [0, 1]"
+        ) from None
     if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"{owner}: schedule {schedule!r} returned decay={decay} at t={t}, dt={dt}; expected a "
-                         f"value in [0, 1]")
+        raise ValueError(
+            f"{owner}: schedule {schedule!r} returned decay={decay} at t={t}, dt={dt}; expected a value in [0, 1]"
+        )
     return decay
 
 
@@ -128,9 +132,11 @@ class EMA(_Averager):
 
     def __repr__(self) -> str:
         numel = sum(g.numel for g in self._groups)
-        return (f"EMA(schedule={self.schedule!r}, t={self.t}, num_updates={self.num_updates}, "
-                f"averaged={len(self._spec.average)} tensors / {numel} elements, copied={len(self._spec.copy)}, "
-                f"from model={len(self._spec.live)})")
+        return (
+            f"EMA(schedule={self.schedule!r}, t={self.t}, num_updates={self.num_updates}, "
+            f"averaged={len(self._spec.average)} tensors / {numel} elements, copied={len(self._spec.copy)}, "
+            f"from model={len(self._spec.live)})"
+        )
 
     # ------------------------------------------------------------------ update
 
@@ -147,8 +153,12 @@ class EMA(_Averager):
         decay = check_decay("EMA", self.schedule, new_t, step)
         binding = self._fresh_binding(model)
         if self.skip_nonfinite and not self._all_finite(binding):
-            warnings.warn(f"EMA: skipped the update at t={new_t}: the model holds NaN or Inf; the average is "
-                          f"unchanged and time moves on", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"EMA: skipped the update at t={new_t}: the model holds NaN or Inf; the average is "
+                f"unchanged and time moves on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self.t = new_t
             self.num_skipped += 1
             return decay
@@ -227,12 +237,14 @@ class EMA(_Averager):
             raise TypeError(f"{where}: expected a mapping, got {type(state_dict).__name__}")
         if state_dict.get("format") != _FORMAT:
             hint = " (a model state dict? use load_averaged_state_dict)" if "format" not in state_dict else ""
-            raise ValueError(f"{where}: not an EMA state dict: format={state_dict.get('format')!r}, expected "
-                             f"{_FORMAT!r}{hint}")
+            raise ValueError(
+                f"{where}: not an EMA state dict: format={state_dict.get('format')!r}, expected {_FORMAT!r}{hint}"
+            )
         version = state_dict.get("version")
         if not isinstance(version, int) or version > _VERSION:
-            raise ValueError(f"{where}: state dict version {version!r} is not supported (this emakit reads up to "
-                             f"{_VERSION})")
+            raise ValueError(
+                f"{where}: state dict version {version!r} is not supported (this emakit reads up to {_VERSION})"
+            )
         t = check_time(where, state_dict.get("t"))
         counts = {}
         for key in ("num_updates", "num_skipped"):
@@ -243,11 +255,16 @@ class EMA(_Averager):
         self._check_tensor_state(where, state_dict.get("averages"), state_dict.get("copies"))
         stored = state_dict.get("config", {})
         ours = self._config()
-        diffs = [f"{k}: stored {stored.get(k)!r}, this EMA {v!r}" for k, v in ours.items()
-                 if isinstance(stored, Mapping) and k in stored and stored[k] != v]
+        diffs = [
+            f"{k}: stored {stored.get(k)!r}, this EMA {v!r}"
+            for k, v in ours.items()
+            if isinstance(stored, Mapping) and k in stored and stored[k] != v
+        ]
         if diffs:
-            warnings.warn(f"{where}: the state dict was saved with other settings; keeping this EMA's "
-                          f"({'; '.join(diffs)})", stacklevel=2)
+            warnings.warn(
+                f"{where}: the state dict was saved with other settings; keeping this EMA's ({'; '.join(diffs)})",
+                stacklevel=2,
+            )
         self._load_tensors(where, 0, state_dict["averages"], state_dict["copies"])
         self.t = t
         self.num_updates = counts["num_updates"]
@@ -276,4 +293,3 @@ class EMA(_Averager):
         self._load_tensors(where, 0, averages, copies)
         if t is not None:
             self.t = t
-

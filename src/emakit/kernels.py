@@ -18,7 +18,8 @@ tensor. :func:`plan_pieces` cuts a list of sizes into batches of pieces of at mo
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

@@ -27,8 +27,9 @@ relative width ``sigma_rel`` of a classic EMA at a given time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 __all__ = [
     "Schedule",
@@ -128,8 +129,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 def halflife_to_decay(halflife: float, dt: float = 1.0) -> float:
     """Decay per update of ``dt`` time units for a half-life in the same unit: ``2**(-dt/halflife)``.
 
-        >>> halflife_to_decay(10.0, dt=10.0)
-        0.5
+    >>> halflife_to_decay(10.0, dt=10.0)
+    0.5
     """
     h = _check_real("halflife", "halflife_to_decay", halflife)
     if not h > 0:
@@ -310,9 +311,7 @@ def power(sigma_rel: float | None = None, *, gamma: float | None = None) -> Powe
         0.25
     """
     if (sigma_rel is None) == (gamma is None):
-        raise ValueError(
-            f"power: give exactly one of sigma_rel or gamma, got sigma_rel={sigma_rel}, gamma={gamma}"
-        )
+        raise ValueError(f"power: give exactly one of sigma_rel or gamma, got sigma_rel={sigma_rel}, gamma={gamma}")
     if sigma_rel is not None:
         return Power(sigma_rel_to_gamma(sigma_rel))
     g = _check_real("gamma", "power", gamma)

@@ -1,0 +1,51 @@
+"""The public surface, and that ``import emakit`` pulls in nothing but torch."""
+
+import subprocess
+import sys
+
+import emakit
+
+OPTIONAL = [
+    "safetensors",
+    "tqdm",
+    "matplotlib",
+    "tensorboard",
+    "lightning",
+    "deepspeed",
+    "diffusers",
+    "timm",
+    "ema_pytorch",
+    "torch_ema",
+    "scipy",
+    "sklearn",
+]
+
+
+def test_import_pulls_no_optional_dependency():
+    # torch itself imports some of these (tqdm, numpy) when installed: count only what emakit adds.
+    code = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import emakit, emakit.schedules, emakit.kernels, emakit.cli\n"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        f"print(','.join(sorted(m for m in new if m in {OPTIONAL!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_public_names_have_docstrings():
+    for name in emakit.__all__:
+        obj = getattr(emakit, name)
+        if name != "__version__":
+            assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
+    for name in emakit.schedules.__all__:
+        obj = getattr(emakit.schedules, name)
+        if callable(obj):
+            assert obj.__doc__, name
+
+
+def test_cli_entry_points():
+    for argv in ([sys.executable, "-m", "emakit", "--version"],):
+        out = subprocess.run(argv, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == f"emakit {emakit.__version__}"
