@@ -49,7 +49,10 @@ def test_multi_lerp_matches_per_tensor_lerp(staged):
     batches = kernels.plan_pieces([s.numel() for s in shapes], chunk=16)
 
     def cut(tensors):
-        return [[tensors[p.index] if p.whole else tensors[p.index].view(-1)[p.start : p.start + p.numel] for p in b] for b in batches]
+        return [
+            [tensors[p.index] if p.whole else tensors[p.index].view(-1)[p.start : p.start + p.numel] for p in b]
+            for b in batches
+        ]
 
     scratch = None
     if staged:
