@@ -13,6 +13,14 @@ import emakit
 from emakit import kernels, schedules
 
 
+@pytest.fixture(autouse=True, params=["gathered", "per-tensor", "mixed"])
+def update_path(request, monkeypatch):
+    """Run every test with small tensors gathered (default), none gathered, and a mix."""
+    limit = {"gathered": kernels.SMALL_NUMEL, "per-tensor": 0, "mixed": 20}[request.param]
+    monkeypatch.setattr(kernels, "SMALL_NUMEL", limit)
+    return request.param
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -544,3 +552,23 @@ def test_cast_model_after_creation_gives_a_clear_error():
     with pytest.raises(ValueError, match="weight.*dtype"):
         ema.update()
     assert math.isclose(ema.t, 0)
+
+
+def test_reallocated_parameters_are_noticed():
+    model = Net()
+    ema = emakit.EMA(model, decay=0.6)
+    ref = Reference(model)
+    train_step(model)
+    ref.update(model, ema.update())
+    model.head.weight.data = model.head.weight.data.clone()  # same values, new storage
+    model.bn.bias.data = model.bn.bias.data.clone()
+    train_step(model)
+    ref.update(model, ema.update())
+    assert_matches(ema.averaged_state_dict(), ref)
+    before = {k: v.clone() for k, v in ema.state_dict()["averages"].items()}
+    model.head.weight.data = torch.zeros(7, 4)
+    with pytest.raises(ValueError, match="head.weight.*shape"):
+        ema.update()
+    assert ema.t == 2
+    for k, v in ema.state_dict()["averages"].items():
+        assert torch.equal(v, before[k]), k

@@ -64,6 +64,17 @@ def _cut(targets: list[list[Tensor]], shapes: list[torch.Size], scratch: Tensor 
 
 
 @dataclass
+class _Gather:
+    """One batch of consecutive small tensors: ``small[first:last]`` of the group."""
+
+    first: int
+    last: int
+    targets: list[Tensor]  # per profile: the batch's contiguous slice of the buffer
+    gathered: Tensor  # scratch slice in the source dtype
+    staged: Tensor | None  # scratch slice in the average's dtype, when they differ
+
+
+@dataclass
 class _Group:
     """Averaged tensors sharing (kind, source dtype/device, average dtype/device), stored flat."""
 
@@ -79,7 +90,13 @@ class _Group:
     buffer: Tensor  # (K, numel)
     views: list[list[Tensor]]  # [profile][tensor]
     staged: bool  # source dtype/device differ from the average's
-    layout: _Layout | None = None  # per tensor, when staged or K > 1
+    # Large tensors: one fused call over whole tensors, or chunked (``layout``) when staged or K > 1.
+    big: list[int] = field(default_factory=list)
+    layout: _Layout | None = None
+    # Runs of consecutive small tensors: gathered into a scratch with one ``torch.cat`` per
+    # batch, then one ``lerp_`` per average on the matching contiguous slice of ``buffer``.
+    small: list[int] = field(default_factory=list)
+    gathers: list[_Gather] = field(default_factory=list)
     region_layout: _Layout | None = None  # one flat source region, built on first need
 
     @property
@@ -92,6 +109,10 @@ class _Binding:
     """A model bound to the averages: where to read each tensor, checked once."""
 
     sources: list[list[tuple[dict, str]]]  # per group: (table, attr) per tensor
+    big: list[list[tuple[dict, str]]]  # per group: sources of the large tensors
+    small: list[list[tuple[dict, str]]]  # per group: sources of the gathered small tensors
+    small_flat: list[list[Tensor]]  # per group: 1-D views of those sources
+    ptrs: list[list[int]]  # per group: data pointers of all sources when bound (a change: re-allocated)
     copies: list[tuple[dict, str]]
     regions: list[Tensor | None]  # per group: one flat view over all its sources, if laid out so
     region_ptrs: list[tuple[int, int] | None]
@@ -220,18 +241,47 @@ class _Averager:
         group = _Group(
             is_param, src_dtype, src_device, dtype, device, names, shapes, strides, offsets, buffer, views, staged
         )
-        if staged or k > 1:
-            group.layout = _cut(views, shapes, self._scratch_for(group), kernels.chunk_numel(device))
+        chunk = kernels.chunk_numel(device)
+        # Small tensors are gathered with torch.cat, which needs sources on the average's device.
+        small_ok = src_device == device
+        batches: list[list[int]] = [[]]
+        batch_numel = 0
+        for i, shape in enumerate(shapes):
+            n = shape.numel()
+            if not (small_ok and 0 < n <= kernels.SMALL_NUMEL):
+                group.big.append(i)
+                batches.append([])  # a large tensor ends the run of consecutive small ones
+                batch_numel = 0
+                continue
+            if batch_numel + n > chunk:
+                batches.append([])
+                batch_numel = 0
+            batches[-1].append(i)
+            batch_numel += n
+        for batch in (b for b in batches if b):
+            first = len(group.small)
+            group.small.extend(batch)
+            start, numel = offsets[batch[0]], sum(shapes[j].numel() for j in batch)
+            gathered = self._scratch_for(src_dtype, device, numel)[:numel]
+            staged_view = self._scratch_for(dtype, device, numel)[:numel] if staged else None
+            targets = [buffer[j, start : start + numel] for j in range(k)]
+            group.gathers.append(_Gather(first, len(group.small), targets, gathered, staged_view))
+        if group.big and (staged or k > 1):
+            big_views = [[views[j][i] for i in group.big] for j in range(k)]
+            need = min(chunk, sum(shapes[i].numel() for i in group.big))
+            scratch = self._scratch_for(dtype, device, need) if staged else None
+            group.layout = _cut(big_views, [shapes[i] for i in group.big], scratch, chunk)
         return group
 
-    def _scratch_for(self, group: _Group) -> Tensor | None:
-        if not group.staged:
-            return None
-        key = (group.dtype, group.device)
-        need = min(kernels.chunk_numel(group.device), group.numel)
+    def _scratch_for(self, dtype: torch.dtype, device: torch.device, numel: int) -> Tensor:
+        """A scratch buffer of at least ``numel`` elements, shared by the groups (they run one by one).
+
+        Growing it leaves earlier slices on the old buffer, which stays alive through them.
+        """
+        key = (dtype, device)
         have = self._scratch.get(key)
-        if have is None or have.numel() < need:
-            self._scratch[key] = have = torch.empty(need, dtype=group.dtype, device=group.device)
+        if have is None or have.numel() < numel:
+            self._scratch[key] = have = torch.empty(numel, dtype=dtype, device=device)
         return have
 
     # ------------------------------------------------------------------ binding to a model
@@ -272,6 +322,12 @@ class _Averager:
         for name, stored in self._copies.items():
             self._check_slot(slots[name], stored.shape, stored.dtype, None)
             copies.append((slots[name].table, slots[name].attr))
+        big, small, small_flat, all_ptrs = [], [], [], []
+        for group, row in zip(self._groups, sources):
+            big.append([row[i] for i in group.big])
+            small.append([row[i] for i in group.small])
+            small_flat.append([kernels.flat_view(tbl[a].detach()) for tbl, a in small[-1]])
+            all_ptrs.append([tbl[a].data_ptr() for tbl, a in row])
         regions, ptrs = [], []
         for group, row in zip(self._groups, sources):
             region = _flat_region([tbl[a] for tbl, a in row], group)
@@ -279,16 +335,16 @@ class _Averager:
             if region is None:
                 ptrs.append(None)
             else:
-                first, last = row[0], row[-1]
-                ptrs.append((first[0][first[1]].data_ptr(), last[0][last[1]].data_ptr()))
+                ptrs.append(_end_ptrs(row))
                 if group.region_layout is None and (group.staged or group.buffer.shape[0] > 1):
+                    chunk = kernels.chunk_numel(group.device)
                     group.region_layout = _cut(
                         [[group.buffer[j]] for j in range(group.buffer.shape[0])],
                         [torch.Size([group.numel])],
-                        self._scratch_for(group),
-                        kernels.chunk_numel(group.device),
+                        self._scratch_for(group.dtype, group.device, min(chunk, group.numel)) if group.staged else None,
+                        chunk,
                     )
-        return _Binding(sources, copies, regions, ptrs)
+        return _Binding(sources, big, small, small_flat, all_ptrs, copies, regions, ptrs)
 
     def _check_slot(self, slot: Slot, shape: torch.Size, dtype: torch.dtype, device: torch.device | None) -> Tensor:
         t = slot.get()
@@ -306,15 +362,26 @@ class _Averager:
         return t
 
     def _fresh_binding(self, model: nn.Module | None) -> _Binding:
-        """The binding, re-checked cheaply: rebuilt when the model's tensors were moved or cast."""
+        """The binding, re-checked cheaply; rebuilt (and so re-validated) when the model's tensors
+        were re-allocated, moved or cast since it was made. Nothing has changed when this raises."""
         target = self._model if model is None else model
         binding = self._bind(target)
-        for group, row in zip(self._groups, binding.sources):
+        if not self._still_valid(binding):
+            del self._bindings[target]
+            binding = self._bind(target)  # raises the precise error if the model no longer fits
+        return binding
+
+    def _still_valid(self, binding: _Binding) -> bool:
+        for g, (group, row) in enumerate(zip(self._groups, binding.sources)):
             t = row[0][0][row[0][1]]
             if t.dtype != group.source_dtype or t.device != group.source_device:
-                del self._bindings[target]
-                return self._bind(target)  # raises the precise error
-        return binding
+                return False
+            if binding.regions[g] is not None:
+                if _end_ptrs(row) != binding.region_ptrs[g]:
+                    return False
+            elif [tbl[a].data_ptr() for tbl, a in row] != binding.ptrs[g]:
+                return False  # re-allocated: shapes may differ, and the gathered views are stale
+        return True
 
     # ------------------------------------------------------------------ the update
 
@@ -340,22 +407,33 @@ class _Averager:
     @torch.no_grad()
     def _apply(self, binding: _Binding, coefficients: list[float]) -> None:
         """Move profile ``k`` by ``coefficients[k] = 1 - decay_k`` toward the bound model."""
-        for group, row, region, ptrs in zip(self._groups, binding.sources, binding.regions, binding.region_ptrs):
-            if region is not None:
-                first, last = row[0], row[-1]
-                if (first[0][first[1]].data_ptr(), last[0][last[1]].data_ptr()) != ptrs:
-                    region = None  # the parameters were re-allocated since binding
-            if region is not None and group.region_layout is None:
-                kernels.lerp_([group.buffer[0]], [region], coefficients[0])
-            elif region is not None:
-                layout = group.region_layout
-                kernels.multi_lerp_(layout.pieces, [region], layout.batches, coefficients, layout.scratch)
-            elif group.layout is None:
-                kernels.lerp_(group.views[0], [tbl[a] for tbl, a in row], coefficients[0])
-            else:
-                layout = group.layout
-                sources = [tbl[a] for tbl, a in row]
-                kernels.multi_lerp_(layout.pieces, sources, layout.batches, coefficients, layout.scratch)
+        for g, group in enumerate(self._groups):
+            region = binding.regions[g]
+            if region is not None:  # the sources are one flat array laid out like ours
+                if group.region_layout is None:
+                    kernels.lerp_([group.buffer[0]], [region], coefficients[0])
+                else:
+                    layout = group.region_layout
+                    kernels.multi_lerp_(layout.pieces, [region], layout.batches, coefficients, layout.scratch)
+                continue
+            if group.big:
+                sources = [tbl[a] for tbl, a in binding.big[g]]
+                if group.layout is None:
+                    kernels.lerp_(
+                        [group.views[0][i] for i in group.big]
+                        if len(group.big) != len(group.names)
+                        else group.views[0],
+                        sources,
+                        coefficients[0],
+                    )
+                else:
+                    layout = group.layout
+                    kernels.multi_lerp_(layout.pieces, sources, layout.batches, coefficients, layout.scratch)
+            flat = binding.small_flat[g]
+            for batch in group.gathers:
+                kernels.gather_lerp_(
+                    batch.targets, flat[batch.first : batch.last], batch.gathered, batch.staged, coefficients
+                )
         if binding.copies:
             dst = list(self._copies.values())
             src = [tbl[a] for tbl, a in binding.copies]
@@ -460,6 +538,11 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
         strides.append(acc)
         acc *= max(n, 1)
     return tuple(reversed(strides))
+
+
+def _end_ptrs(row: list[tuple[dict, str]]) -> tuple[int, int]:
+    (t0, a0), (t1, a1) = row[0], row[-1]
+    return t0[a0].data_ptr(), t1[a1].data_ptr()
 
 
 def _flat_region(tensors: list[Tensor], group: _Group) -> Tensor | None:

@@ -28,6 +28,7 @@ __all__ = [
     "Piece",
     "chunk_numel",
     "flat_view",
+    "gather_lerp_",
     "is_dense",
     "lerp_",
     "multi_lerp_",
@@ -38,6 +39,11 @@ __all__ = [
 #: L2/L3 caches of a CPU; GPUs have no such cache to aim at and want fewer, larger launches.
 _CHUNK = {"cpu": 1 << 20}
 _CHUNK_DEFAULT = 1 << 24
+
+#: Tensors up to this size are gathered into a scratch with ``torch.cat`` and updated as one
+#: array: a fused ``foreach`` call still costs about a microsecond of dispatch per tensor on a
+#: CPU, ``cat`` a third of that. Larger tensors are updated in place, where dispatch is noise.
+SMALL_NUMEL = 1 << 16
 
 
 def chunk_numel(device: torch.device) -> int:
@@ -160,3 +166,25 @@ def multi_lerp_(
             source = staged
         for k, w in enumerate(coefficients):
             lerp_(list(averages[k][b]), source, w)
+
+
+def gather_lerp_(
+    targets: Sequence[Tensor],
+    sources: Sequence[Tensor],
+    gathered: Tensor,
+    staged: Tensor | None,
+    coefficients: Sequence[float],
+) -> None:
+    """Move ``K`` flat averages toward many small tensors at once.
+
+    ``sources`` are 1-D tensors whose concatenation lines up with each of ``targets[k]``
+    (1-D, contiguous). They are gathered into ``gathered`` (same dtype as the sources) with
+    one ``torch.cat``, converted into ``staged`` when the averages have another dtype, then
+    each average takes one ``lerp_`` from that cache-resident copy.
+    """
+    torch.cat(list(sources), out=gathered)
+    if staged is not None:
+        staged.copy_(gathered)
+        gathered = staged
+    for target, w in zip(targets, coefficients):
+        lerp_([target], [gathered], w)
