@@ -4,9 +4,9 @@ The roofline is one contiguous fp32 ``ema.lerp_(weights, w)`` over the same numb
 parameters: it reads two arrays and writes one, the least any EMA update can do. Times are
 medians of process CPU time with one thread (this machine is shared; wall time is noisy).
 Contenders are timed round-robin (one update each, repeated), so machine noise hits them
-alike. Peak extra memory is the rise of the resident set's high-water mark during two
-warm-up updates over what was resident before them (the EMA tensors themselves are
-excluded: they are allocated before). Peers are optional (``pip install -c constraints.txt ema-pytorch
+alike. Peak extra memory is the rise of the resident set's high-water mark during two updates
+(after a first one) over what was resident before them: the temporaries an update
+allocates, not the EMA tensors themselves. Peers are optional (``pip install -c constraints.txt ema-pytorch
 torch-ema diffusers``); missing ones are listed as such.
 
     python benchmarks/bench_update.py                 # all scenarios (a few minutes)
@@ -53,13 +53,17 @@ def _reset_peak() -> bool:
         return False
 
 
-def peak_extra_mib(update: Callable[[], object], warmup: int = 2) -> float | None:
-    """Rise of the resident high-water mark over the current resident size during ``warmup`` updates."""
+def peak_extra_mib(update: Callable[[], object], reps: int = 2) -> float | None:
+    """Rise of the resident high-water mark over the resident size during ``reps`` updates.
+
+    One update runs first, unmeasured: it binds the model (Python bookkeeping, once per run).
+    """
+    update()
     gc.collect()
     if not _reset_peak():
         return None
     rss_before = _status_kib("VmRSS")
-    for _ in range(warmup):
+    for _ in range(reps):
         update()
     return max(0.0, (_status_kib("VmHWM") - rss_before) / 1024)
 

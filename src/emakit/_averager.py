@@ -161,9 +161,9 @@ class _Averager:
         tensors: dict[str, Tensor] = {}
         for name, slot in slots.items():
             t = slot.get()
-            if type(t) is not Tensor and not isinstance(t, nn.Parameter):
+            if type(t.detach()) is not Tensor:
                 raise NotImplementedError(
-                    f"{owner}: tensor {name!r} is a {type(t).__name__}; sharded (DTensor) and other "
+                    f"{owner}: tensor {name!r} is a {type(t.detach()).__name__}; sharded (DTensor) and other "
                     f"tensor subclasses are not supported yet"
                 )
             tensors[name] = t
