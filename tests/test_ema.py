@@ -301,14 +301,14 @@ def test_resume_is_bit_identical_through_torch_save():
     run(model2, resumed, 10, 1)
     for k, v in straight.averaged_state_dict(dtype="average").items():
         assert torch.equal(resumed.averaged_state_dict(dtype="average")[k], v), k
-    assert resumed.state_dict()["averages"]["conv.weight"].dtype == torch.float32
+    assert resumed.state_dict()["averages"][0]["conv.weight"].dtype == torch.float32
 
 
 def test_dtype_and_device_survive_state_dict():
     model = nn.Linear(3, 3)
     ema = emakit.EMA(model, decay=0.9, dtype=torch.float64, device="cpu")
     state = ema.state_dict()
-    assert state["averages"]["weight"].dtype == torch.float64
+    assert state["averages"][0]["weight"].dtype == torch.float64
     fresh = emakit.EMA(model, decay=0.9, dtype=torch.float64)
     fresh.load_state_dict(state)
     assert fresh.averaged_state_dict(dtype="average")["weight"].dtype == torch.float64
@@ -334,23 +334,23 @@ def test_errors_leave_the_state_unchanged():
     ema = emakit.EMA(model, decay=0.9)
     train_step(model)
     ema.update()
-    before = {k: v.clone() for k, v in ema.state_dict()["averages"].items()}
+    before = {k: v.clone() for k, v in ema.state_dict()["averages"][0].items()}
 
     def unchanged():
         assert ema.t == 1 and ema.num_updates == 1
-        for k, v in ema.state_dict()["averages"].items():
+        for k, v in ema.state_dict()["averages"][0].items():
             assert torch.equal(v, before[k]), k
 
     good = ema.state_dict()
-    bad_shape = {**good, "averages": {**good["averages"], "head.weight": torch.zeros(2, 2)}}
+    bad_shape = {**good, "averages": [{**good["averages"][0], "head.weight": torch.zeros(2, 2)}]}
     with pytest.raises(ValueError, match="head.weight"):
         ema.load_state_dict(bad_shape)
     unchanged()
-    missing = {**good, "averages": {k: v for k, v in good["averages"].items() if k != "bn.weight"}}
+    missing = {**good, "averages": [{k: v for k, v in good["averages"][0].items() if k != "bn.weight"}]}
     with pytest.raises(KeyError, match="bn.weight"):
         ema.load_state_dict(missing)
     unchanged()
-    extra = {**good, "averages": {**good["averages"], "other.weight": torch.zeros(1)}}
+    extra = {**good, "averages": [{**good["averages"][0], "other.weight": torch.zeros(1)}]}
     with pytest.raises(KeyError, match="other.weight"):
         ema.load_state_dict(extra)
     unchanged()
@@ -429,11 +429,11 @@ def test_frozen_parameters_take_no_memory_and_are_read_from_the_model():
     model = Net()
     model.conv.requires_grad_(False)  # e.g. a frozen backbone; only the rest trains
     ema = emakit.EMA(model, decay=0.9)
-    stored = sum(v.numel() for v in ema.state_dict()["averages"].values())
+    stored = sum(v.numel() for v in ema.state_dict()["averages"][0].values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     floating_buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
     assert stored == trainable + floating_buffers
-    assert "conv.weight" not in ema.state_dict()["averages"]
+    assert "conv.weight" not in ema.state_dict()["averages"][0]
     with torch.no_grad():
         model.conv.weight.add_(1.0)  # changes to frozen tensors show through
     assert torch.equal(ema.averaged_state_dict()["conv.weight"], model.conv.weight)
@@ -442,7 +442,7 @@ def test_frozen_parameters_take_no_memory_and_are_read_from_the_model():
 def test_include_filter():
     model = Net()
     ema = emakit.EMA(model, decay=0.5, include=lambda name: not name.startswith("head."))
-    assert "head.weight" not in ema.state_dict()["averages"]
+    assert "head.weight" not in ema.state_dict()["averages"][0]
     train_step(model)
     ema.update()
     assert torch.equal(ema.averaged_state_dict()["head.weight"], model.head.weight)
@@ -459,7 +459,7 @@ def test_tied_weights_are_stored_once_and_emitted_under_both_names():
 
     model = Tied()
     ema = emakit.EMA(model, decay=0.5)
-    assert list(ema.state_dict()["averages"]) == ["embed.weight"]
+    assert list(ema.state_dict()["averages"][0]) == ["embed.weight"]
     perturb_(model)
     ema.update()
     sd = ema.averaged_state_dict()
@@ -565,10 +565,10 @@ def test_reallocated_parameters_are_noticed():
     train_step(model)
     ref.update(model, ema.update())
     assert_matches(ema.averaged_state_dict(), ref)
-    before = {k: v.clone() for k, v in ema.state_dict()["averages"].items()}
+    before = {k: v.clone() for k, v in ema.state_dict()["averages"][0].items()}
     model.head.weight.data = torch.zeros(7, 4)
     with pytest.raises(ValueError, match="head.weight.*shape"):
         ema.update()
     assert ema.t == 2
-    for k, v in ema.state_dict()["averages"].items():
+    for k, v in ema.state_dict()["averages"][0].items():
         assert torch.equal(v, before[k]), k

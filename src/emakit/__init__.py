@@ -1,6 +1,7 @@
 """emakit: averaged model weights for PyTorch training.
 
-Classic EMA with composable decay schedules, at memory-bandwidth speed::
+Classic EMA with composable decay schedules, power-function EMA with snapshots and post-hoc
+reconstruction of any EMA length, at memory-bandwidth speed::
 
     import emakit
     from emakit import schedules
@@ -13,13 +14,16 @@ Classic EMA with composable decay schedules, at memory-bandwidth speed::
         evaluate(model)
 """
 
-from . import schedules
+from . import posthoc, schedules
 from .contiguous import contiguous_parameters_
 from .ema import EMA
+from .power import PowerEMA
 
 __all__ = [
     "EMA",
+    "PowerEMA",
     "contiguous_parameters_",
+    "posthoc",
     "schedules",
     "__version__",
 ]

@@ -10,6 +10,7 @@ schedules or time: the public classes (``EMA``, ``PowerEMA``) supply the coeffic
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +24,7 @@ from . import kernels
 from ._model import Slot, default_average_dtype, is_float, model_slots, normalize_name
 
 _BUFFER_MODES = ("average", "copy")
+_STATE_VERSION = 1
 
 
 @dataclass
@@ -130,17 +132,22 @@ class _Spec:
 class _Averager:
     """``K`` averages of a model's tensors. Subclasses supply the update coefficients."""
 
+    #: ``state_dict()["format"]`` of the subclass.
+    _format = "emakit.averager"
+
     def __init__(
         self,
         model: nn.Module,
-        num_profiles: int,
+        schedules: list[Callable[[float, float], float]],
         *,
         buffers: str = "average",
         include: Callable[[str], bool] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         owner = type(self).__name__
+        num_profiles = len(schedules)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
         if buffers not in _BUFFER_MODES:
@@ -202,6 +209,35 @@ class _Averager:
             }
         self._num_profiles = num_profiles
         self._bindings: weakref.WeakKeyDictionary[nn.Module, _Binding] = weakref.WeakKeyDictionary()
+        self._schedules = list(schedules)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        #: Time of the last update, in the caller's unit (0 at construction).
+        self.t: float = 0
+        #: Updates applied, and updates skipped because the model held NaN/Inf.
+        self.num_updates = 0
+        self.num_skipped = 0
+
+    # ------------------------------------------------------------------ time
+
+    def _advance(self, model: nn.Module | None, t: float | None, dt: float | None) -> list[float]:
+        """One update: checks everything, then moves every profile; returns the decays."""
+        self._assert_not_swapped("update")
+        new_t, step = next_time(self._owner, self.t, t, dt)
+        decays = [check_decay(self._owner, s, new_t, step) for s in self._schedules]
+        binding = self._fresh_binding(model)
+        if self.skip_nonfinite and not self._all_finite(binding):
+            warnings.warn(
+                f"{self._owner}: skipped the update at t={new_t}: the model holds NaN or Inf; the averages are "
+                f"unchanged and time moves on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.num_skipped += 1
+        else:
+            self._apply(binding, [1.0 - d for d in decays])
+            self.num_updates += 1
+        self.t = new_t
+        return decays
 
     # ------------------------------------------------------------------ construction
 
@@ -488,8 +524,80 @@ class _Averager:
 
     # ------------------------------------------------------------------ state
 
-    def _tensor_state(self, k: int) -> dict[str, Tensor]:
-        return {name: view for name, view, _, _ in self._average_tensors(k)}
+    def _config(self) -> dict[str, Any]:
+        return {
+            "buffers": self._buffers_mode,
+            "dtypes": ",".join(sorted({str(g.dtype) for g in self._groups})),
+        }
+
+    def _check_config(self, where: str, stored: Mapping[str, Any]) -> None:
+        """Warn about stored settings that differ from ours; ours are kept. Subclasses may raise."""
+        diffs = [f"{k}: stored {stored[k]!r}, this one {v!r}" for k, v in self._config().items() if k in stored
+                 and stored[k] != v]
+        if diffs:
+            warnings.warn(f"{where}: the state dict was saved with other settings; keeping this "
+                          f"{self._owner}'s ({'; '.join(diffs)})", stacklevel=3)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: averages and copies by name, time, counters, config.
+
+        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``. The tensors
+        share memory with the average.
+        """
+        return {
+            "format": self._format,
+            "version": _STATE_VERSION,
+            "t": self.t,
+            "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
+            "config": self._config(),
+            "averages": [{n: v for n, v, _, _ in self._average_tensors(k)} for k in range(self._num_profiles)],
+            "copies": dict(self._copies),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; continuing gives bit-identical results to never stopping.
+
+        Everything is checked before anything changes: a wrong format, a missing or
+        unexpected name or a wrong shape raises and leaves the average as it was. This
+        object's own settings (schedule, dtype, device) are kept; stored settings that
+        differ are reported with a warning.
+        """
+        where = f"{self._owner}.load_state_dict"
+        self._assert_not_swapped("load_state_dict")
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{where}: expected a mapping, got {type(state_dict).__name__}")
+        if state_dict.get("format") != self._format:
+            hint = " (a model state dict? use load_averaged_state_dict)" if "format" not in state_dict else ""
+            raise ValueError(f"{where}: not a {self._owner} state dict: format={state_dict.get('format')!r}, "
+                             f"expected {self._format!r}{hint}")
+        version = state_dict.get("version")
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(f"{where}: state dict version {version!r} is not supported (this emakit reads up to "
+                             f"{_STATE_VERSION})")
+        t = check_time(where, state_dict.get("t"))
+        counts = {}
+        for key in ("num_updates", "num_skipped"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {key} must be an int >= 0, got {key}={value!r}")
+            counts[key] = value
+        averages = state_dict.get("averages")
+        if not isinstance(averages, (list, tuple)) or len(averages) != self._num_profiles:
+            raise ValueError(f"{where}: 'averages' must be a list of {self._num_profiles} name -> tensor mappings "
+                             f"(one per profile), got {type(averages).__name__}"
+                             f"{f' of {len(averages)}' if isinstance(averages, (list, tuple)) else ''}")
+        stored = state_dict.get("config", {})
+        if not isinstance(stored, Mapping):
+            raise ValueError(f"{where}: 'config' must be a mapping, got {type(stored).__name__}")
+        self._check_config(where, stored)
+        for profile in averages:
+            self._check_tensor_state(where, profile, state_dict.get("copies"))
+        for k, profile in enumerate(averages):
+            self._load_tensors(where, k, profile, state_dict["copies"])
+        self.t = t
+        self.num_updates = counts["num_updates"]
+        self.num_skipped = counts["num_skipped"]
 
     def _check_tensor_state(self, where: str, averages: Mapping[str, Any], copies: Mapping[str, Any]) -> None:
         """Raise naming the first key whose presence, type or shape does not match."""
@@ -504,32 +612,65 @@ class _Averager:
                     raise KeyError(f"{where}: missing tensor {name!r} in {label!r}")
             for name, value in given.items():
                 if name not in expected:
-                    raise KeyError(
-                        f"{where}: unexpected tensor {name!r} in {label!r}; this {self._owner} does not track it"
-                    )
+                    raise KeyError(f"{where}: unexpected tensor {name!r} in {label!r}; this "
+                                   f"{self._owner} does not track it")
                 if not isinstance(value, Tensor):
                     raise TypeError(f"{where}: {label}[{name!r}] must be a tensor, got {type(value).__name__}")
                 if value.shape != expected[name].shape:
-                    raise ValueError(
-                        f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
-                        f"{tuple(expected[name].shape)}"
-                    )
+                    raise ValueError(f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(expected[name].shape)}")
 
     @torch.no_grad()
     def _load_tensors(self, where: str, k: int, averages: Mapping[str, Tensor], copies: Mapping[str, Tensor]) -> None:
-        cast = sorted(
-            {str(averages[n].dtype) for n, v, _, _ in self._average_tensors(k) if averages[n].dtype != v.dtype}
-        )
+        cast = sorted({str(averages[n].dtype) for n, v, _, _ in self._average_tensors(k) if averages[n].dtype != v.dtype})
         if cast:
-            warnings.warn(
-                f"{where}: averages stored as {', '.join(cast)} were cast to this {self._owner}'s "
-                f"dtype; its precision is unchanged",
-                stacklevel=3,
-            )
+            warnings.warn(f"{where}: averages stored as {', '.join(cast)} were cast to this {self._owner}'s "
+                          f"dtype; its precision is unchanged", stacklevel=3)
         for name, view, _, _ in self._average_tensors(k):
             view.copy_(averages[name])
         for name, stored in self._copies.items():
             stored.copy_(copies[name])
+
+
+def next_time(owner: str, now: float, t: float | None, dt: float | None) -> tuple[float, float]:
+    """The ``(t, dt)`` of the next update from ``t`` and/or ``dt``; one step when neither is given."""
+    for label, value in (("t", t), ("dt", dt)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{owner}.update: {label} must be a number, got {label}={value!r}")
+    if t is None:
+        dt = 1 if dt is None else dt
+        if not dt > 0 or math.isinf(dt):
+            raise ValueError(f"{owner}.update: dt must be a finite number > 0, got dt={dt}")
+        return now + dt, dt
+    if not t > now or math.isinf(t):
+        raise ValueError(f"{owner}.update: t must be finite and later than the current time {now}, got t={t}")
+    if dt is not None and not math.isclose(now + dt, t, rel_tol=1e-12, abs_tol=1e-12):
+        raise ValueError(
+            f"{owner}.update: t and dt disagree: the current time is {now}, so t={t} means dt={t - now}, got dt={dt}"
+        )
+    return t, t - now
+
+
+def check_decay(owner: str, schedule: Any, t: float, dt: float) -> float:
+    """``schedule(t, dt)`` as a float, or an error naming the schedule and the value."""
+    decay = schedule(t, dt)
+    try:
+        decay = float(decay)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{owner}: schedule {schedule!r} returned {decay!r} at t={t}, dt={dt}; expected a float decay in [0, 1]"
+        ) from None
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(
+            f"{owner}: schedule {schedule!r} returned decay={decay} at t={t}, dt={dt}; expected a value in [0, 1]"
+        )
+    return decay
+
+
+def check_time(where: str, t: Any) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise ValueError(f"{where}: t must be a finite number >= 0, got t={t!r}")
+    return t
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:

@@ -11,54 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from . import schedules
-from ._averager import _Averager
+from ._averager import _Averager, check_time
 from ._model import normalize_name
 
 __all__ = ["EMA"]
-
-_FORMAT = "emakit.EMA"
-_VERSION = 1
-
-
-def next_time(owner: str, now: float, t: float | None, dt: float | None) -> tuple[float, float]:
-    """The ``(t, dt)`` of the next update from ``t`` and/or ``dt``; one step when neither is given."""
-    for label, value in (("t", t), ("dt", dt)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"{owner}.update: {label} must be a number, got {label}={value!r}")
-    if t is None:
-        dt = 1 if dt is None else dt
-        if not dt > 0 or math.isinf(dt):
-            raise ValueError(f"{owner}.update: dt must be a finite number > 0, got dt={dt}")
-        return now + dt, dt
-    if not t > now or math.isinf(t):
-        raise ValueError(f"{owner}.update: t must be finite and later than the current time {now}, got t={t}")
-    if dt is not None and not math.isclose(now + dt, t, rel_tol=1e-12, abs_tol=1e-12):
-        raise ValueError(
-            f"{owner}.update: t and dt disagree: the current time is {now}, so t={t} means dt={t - now}, got dt={dt}"
-        )
-    return t, t - now
-
-
-def check_decay(owner: str, schedule: Any, t: float, dt: float) -> float:
-    decay = schedule(t, dt)
-    try:
-        decay = float(decay)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{owner}: schedule {schedule!r} returned {decay!r} at t={t}, dt={dt}; expected a float decay in [0, 1]"
-        ) from None
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(
-            f"{owner}: schedule {schedule!r} returned decay={decay} at t={t}, dt={dt}; expected a value in [0, 1]"
-        )
-    return decay
-
-
-def check_time(owner: str, t: Any) -> float:
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise ValueError(f"{owner}: t must be a finite number >= 0, got t={t!r}")
-    return t
-
 
 class EMA(_Averager):
     """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * weights``.
@@ -121,14 +77,14 @@ class EMA(_Averager):
             schedule = schedules.constant(decay)
         if not callable(schedule):
             raise TypeError(f"EMA: schedule must be callable f(t, dt) -> decay, got {schedule!r}")
-        super().__init__(model, 1, buffers=buffers, include=include, dtype=dtype, device=device)
-        self.schedule = schedule
-        self.skip_nonfinite = bool(skip_nonfinite)
-        #: Time of the last update, in the caller's unit (0 at construction).
-        self.t: float = 0
-        #: Updates applied, and updates skipped because the model held NaN/Inf.
-        self.num_updates = 0
-        self.num_skipped = 0
+        super().__init__(
+            model, [schedule], buffers=buffers, include=include, dtype=dtype, device=device, skip_nonfinite=skip_nonfinite
+        )
+
+    @property
+    def schedule(self) -> Callable[[float, float], float]:
+        """The decay schedule, ``f(t, dt) -> decay``."""
+        return self._schedules[0]
 
     def __repr__(self) -> str:
         numel = sum(g.numel for g in self._groups)
@@ -148,24 +104,7 @@ class EMA(_Averager):
         may be another view of the same model (DDP, ``torch.compile``); by default the
         model given at construction. No host synchronisation unless ``skip_nonfinite``.
         """
-        self._assert_not_swapped("update")
-        new_t, step = next_time("EMA", self.t, t, dt)
-        decay = check_decay("EMA", self.schedule, new_t, step)
-        binding = self._fresh_binding(model)
-        if self.skip_nonfinite and not self._all_finite(binding):
-            warnings.warn(
-                f"EMA: skipped the update at t={new_t}: the model holds NaN or Inf; the average is "
-                f"unchanged and time moves on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.t = new_t
-            self.num_skipped += 1
-            return decay
-        self._apply(binding, [1.0 - decay])
-        self.t = new_t
-        self.num_updates += 1
-        return decay
+        return self._advance(model, t, dt)[0]
 
     # ------------------------------------------------------------------ using the average
 
@@ -199,76 +138,10 @@ class EMA(_Averager):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _config(self) -> dict[str, str]:
-        return {
-            "schedule": repr(self.schedule),
-            "buffers": self._buffers_mode,
-            "dtypes": ",".join(sorted({str(g.dtype) for g in self._groups})),
-        }
+    _format = "emakit.EMA"
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: averages and copies by name, time, counters, config.
-
-        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``. The tensors
-        share memory with the EMA.
-        """
-        return {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "t": self.t,
-            "num_updates": self.num_updates,
-            "num_skipped": self.num_skipped,
-            "config": self._config(),
-            "averages": self._tensor_state(0),
-            "copies": dict(self._copies),
-        }
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; continuing gives bit-identical results to never stopping.
-
-        Everything is checked before anything changes: a wrong format, a missing or
-        unexpected name or a wrong shape raises and leaves the EMA as it was. This EMA's own
-        settings (schedule, dtype, device) are kept; a stored config that differs is
-        reported with a warning.
-        """
-        where = "EMA.load_state_dict"
-        self._assert_not_swapped("load_state_dict")
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"{where}: expected a mapping, got {type(state_dict).__name__}")
-        if state_dict.get("format") != _FORMAT:
-            hint = " (a model state dict? use load_averaged_state_dict)" if "format" not in state_dict else ""
-            raise ValueError(
-                f"{where}: not an EMA state dict: format={state_dict.get('format')!r}, expected {_FORMAT!r}{hint}"
-            )
-        version = state_dict.get("version")
-        if not isinstance(version, int) or version > _VERSION:
-            raise ValueError(
-                f"{where}: state dict version {version!r} is not supported (this emakit reads up to {_VERSION})"
-            )
-        t = check_time(where, state_dict.get("t"))
-        counts = {}
-        for key in ("num_updates", "num_skipped"):
-            value = state_dict.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{where}: {key} must be an int >= 0, got {key}={value!r}")
-            counts[key] = value
-        self._check_tensor_state(where, state_dict.get("averages"), state_dict.get("copies"))
-        stored = state_dict.get("config", {})
-        ours = self._config()
-        diffs = [
-            f"{k}: stored {stored.get(k)!r}, this EMA {v!r}"
-            for k, v in ours.items()
-            if isinstance(stored, Mapping) and k in stored and stored[k] != v
-        ]
-        if diffs:
-            warnings.warn(
-                f"{where}: the state dict was saved with other settings; keeping this EMA's ({'; '.join(diffs)})",
-                stacklevel=2,
-            )
-        self._load_tensors(where, 0, state_dict["averages"], state_dict["copies"])
-        self.t = t
-        self.num_updates = counts["num_updates"]
-        self.num_skipped = counts["num_skipped"]
+    def _config(self) -> dict[str, Any]:
+        return {"schedule": repr(self.schedule), **super()._config()}
 
     def load_averaged_state_dict(self, state_dict: Mapping[str, Any], *, t: float | None = None) -> None:
         """Load averaged weights from a plain model state dict (e.g. a timm checkpoint).

@@ -1,0 +1,398 @@
+"""Post-hoc EMA: the average of any length, rebuilt after training from power-EMA snapshots.
+
+Karras et al. (EDM2, App. C.3). Each snapshot ``i`` is a power-function average with
+profile ``p_i(tau) = (gamma_i + 1) tau**gamma_i / t_i**(gamma_i + 1)`` on ``[0, t_i]``. A
+target profile ``p_r`` (another ``sigma_rel``, another time, or a classic EMA) is fitted by
+least squares, ``min_x || sum_i x_i p_i - p_r ||``, which is the linear system ``A x = b``
+with ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_r>``. The reconstruction is
+``sum_i x_i * snapshot_i``. The solve runs in float64 (``A`` is ill-conditioned) and the
+weights are normalised to sum to 1. How well the target is matched is known before any
+weight is read: the relative profile error ``||p x - p_r||**2 / ||p_r||**2``.
+
+    snaps = posthoc.list_snapshots("run/phema")
+    sol = posthoc.solve_coefficients(snaps, sigma_rel=0.08)
+    print(sol.fit_error, sol.noise_gain)
+    sd = posthoc.reconstruct("run/phema", sigma_rel=0.08)       # a model state dict
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import schedules
+from .snapshots import SnapshotError, SnapshotInfo, read_info, snapshot_paths
+
+__all__ = [
+    "FIT_ERROR_WARN",
+    "Solution",
+    "SnapshotError",
+    "SnapshotInfo",
+    "power_inner",
+    "exponential_inner",
+    "list_snapshots",
+    "solve_coefficients",
+    "reconstruct",
+    "reliable_range",
+]
+
+#: Relative profile error above which a request is reported as poorly supported.
+FIT_ERROR_WARN = 1e-3
+
+
+# --------------------------------------------------------------------------- profile math
+
+
+def power_inner(t_a: Tensor, gamma_a: Tensor, t_b: Tensor, gamma_b: Tensor) -> Tensor:
+    """``<p_a, p_b>`` of two power profiles truncated at ``t_a`` and ``t_b`` (EDM2, eq. 20).
+
+    For ``t_a <= t_b``: ``(gamma_a+1)(gamma_b+1) (t_a/t_b)**gamma_b / ((gamma_a+gamma_b+1) t_b)``,
+    and symmetrically. The *ratio* is raised to the power: ``t**gamma`` overflows float64 for
+    long runs. Broadcasts; use float64.
+
+        >>> float(power_inner(*(torch.tensor(x, dtype=torch.float64) for x in (1.0, 0.0, 1.0, 0.0))))
+        1.0
+    """
+    a_first = t_a <= t_b
+    ratio = torch.where(a_first, t_a / t_b, t_b / t_a)
+    exponent = torch.where(a_first, gamma_b, gamma_a)
+    t_max = torch.maximum(t_a, t_b)
+    return (gamma_a + 1) * (gamma_b + 1) * ratio**exponent / ((gamma_a + gamma_b + 1) * t_max)
+
+
+# Gauss-Legendre rule on panels that crowd toward u = 1 (v = 1 - u on a log scale): the
+# products of a power profile and a short exponential are peaked at the end of the interval.
+def _quadrature() -> tuple[Tensor, Tensor]:
+    nodes, weights = _gauss_legendre(24)
+    edges = [0.0] + [10.0**e for e in range(-12, 0)] + [1.0]  # in v = 1 - u
+    us, ws = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        v = lo + (hi - lo) * (nodes + 1) / 2
+        us.append(1 - v)
+        ws.append(weights * (hi - lo) / 2)
+    return torch.cat(us), torch.cat(ws)
+
+
+def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
+    """Nodes and weights on [-1, 1] (Golub-Welsch: eigenvalues of the Jacobi matrix)."""
+    k = torch.arange(1, n, dtype=torch.float64)
+    off = k / torch.sqrt(4 * k**2 - 1)
+    jacobi = torch.diag(off, 1) + torch.diag(off, -1)
+    nodes, vectors = torch.linalg.eigh(jacobi)
+    return nodes, 2 * vectors[0] ** 2
+
+
+_U, _W = _quadrature()
+
+
+def exponential_inner(t_i: Tensor, gamma_i: Tensor, t_r: float, rate: float) -> Tensor:
+    """``<p_i, q>`` of power profiles and the classic-EMA profile ``q`` at time ``t_r``.
+
+    ``q(tau) = rate * exp(-rate (t_r - tau)) / (1 - exp(-rate t_r))`` on ``[0, t_r]`` (per-unit
+    decay ``exp(-rate)``, truncated at 0 and normalised). Numerical quadrature in float64;
+    needs ``t_i <= t_r``.
+    """
+    u = _U.to(t_i.dtype)
+    w = _W.to(t_i.dtype)
+    t_i, gamma_i = t_i.unsqueeze(-1), gamma_i.unsqueeze(-1)
+    log_p = torch.log(gamma_i + 1) + gamma_i * torch.log(u)  # profile in u = tau / t_i, times t_i
+    log_q = math.log(rate) - rate * (t_r - u * t_i) - math.log(-math.expm1(-rate * t_r))
+    return (torch.exp(log_p + log_q) * w).sum(-1)
+
+
+def _exponential_norm(t_r: float, rate: float) -> float:
+    """``<q, q>`` of the classic-EMA profile (closed form)."""
+    return rate * -math.expm1(-2 * rate * t_r) / (2 * math.expm1(-rate * t_r) ** 2)
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def list_snapshots(directory: str | os.PathLike) -> list[SnapshotInfo]:
+    """Every snapshot of a directory, checked and sorted by time.
+
+    Raises :class:`SnapshotError` naming the file for an empty directory, an unreadable
+    (truncated, corrupted) file, or snapshots of different models (names or shapes differ).
+    """
+    paths = snapshot_paths(directory)
+    if not paths:
+        raise SnapshotError(f"{directory}: no snapshots (phema-*.safetensors) in this directory")
+    infos = sorted((read_info(p) for p in paths), key=lambda s: s.t)
+    _check_same_run(infos)
+    return infos
+
+
+def _check_same_run(infos: Sequence[SnapshotInfo]) -> None:
+    first = infos[0]
+    for info in infos[1:]:
+        if info.shapes != first.shapes or info.averaged != first.averaged or info.copied != first.copied:
+            diff = sorted(set(info.shapes.items()) ^ set(first.shapes.items()))
+            detail = f"first difference: {diff[0][0]!r}" if diff else "tensor lists differ"
+            raise SnapshotError(f"{info.path}: holds other tensors than {first.path} ({detail}); snapshots of "
+                                f"different models cannot be combined")
+
+
+def _as_infos(snaps: str | os.PathLike | Iterable[SnapshotInfo]) -> list[SnapshotInfo]:
+    if isinstance(snaps, (str, os.PathLike)):
+        return list_snapshots(snaps)
+    infos = sorted(snaps, key=lambda s: s.t)
+    if not infos:
+        raise SnapshotError("no snapshots given")
+    _check_same_run(infos)
+    return infos
+
+
+# --------------------------------------------------------------------------- solve
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Least-squares weights of the snapshots for one target profile.
+
+    ``weights[i][j]`` multiplies profile ``j`` of ``snapshots[i]``; they sum to 1.
+    ``fit_error`` is the relative profile error ``||p x - p_r||**2 / ||p_r||**2`` (0 means
+    exact); ``noise_gain`` is ``sum |x|`` (1 for non-negative weights; large values amplify
+    the snapshots' rounding noise).
+    """
+
+    target: str
+    t: float
+    snapshots: tuple[SnapshotInfo, ...]
+    weights: tuple[tuple[float, ...], ...]
+    fit_error: float
+    noise_gain: float
+
+
+def _target(sigma_rel, gamma, decay, halflife) -> tuple[str, float | None, float | None]:
+    """(label, gamma, rate) of the requested target; exactly one way of stating it."""
+    given = {k: v for k, v in (("sigma_rel", sigma_rel), ("gamma", gamma), ("decay", decay),
+                               ("halflife", halflife)) if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of sigma_rel, gamma, decay or halflife, got {given or 'none'}")
+    (key, value), = given.items()
+    if key == "sigma_rel":
+        return f"sigma_rel={value:g}", schedules.sigma_rel_to_gamma(value), None
+    if key == "gamma":
+        return f"gamma={value:g}", schedules.power(gamma=value).gamma, None
+    if key == "decay":
+        if not 0 < value < 1:
+            raise ValueError(f"decay must be in (0, 1), got decay={value}")
+        return f"decay={value:g}", None, -math.log(value)
+    if not value > 0:
+        raise ValueError(f"halflife must be > 0, got halflife={value}")
+    return f"halflife={value:g}", None, math.log(2) / value
+
+
+def solve_coefficients(
+    snaps: str | os.PathLike | Iterable[SnapshotInfo],
+    sigma_rel: float | None = None,
+    *,
+    gamma: float | None = None,
+    decay: float | None = None,
+    halflife: float | None = None,
+    t: float | None = None,
+    warn: bool = True,
+) -> Solution:
+    """Weights that rebuild the target EMA at time ``t`` (default: the last snapshot's) from snapshots.
+
+    The target is a power profile (``sigma_rel`` or ``gamma``) or a classic EMA (constant
+    per-unit ``decay`` or ``halflife``, in the snapshots' time unit; fitted against its
+    truncated exponential profile). Only snapshots with ``0 < t_i <= t`` are used. Warns when
+    the fit is poor (``fit_error > FIT_ERROR_WARN``) or a power target is shorter than every
+    tracked profile (post hoc cannot sharpen beyond the snapshots).
+
+        sol = solve_coefficients("run/phema", sigma_rel=0.08)
+    """
+    label, target_gamma, rate = _target(sigma_rel, gamma, decay, halflife)
+    infos = _as_infos(snaps)
+    t_last = infos[-1].t
+    if t is None:
+        t = t_last
+    elif not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ValueError(f"t must be a finite number > 0, got t={t!r}")
+    used = [s for s in infos if 0 < s.t <= t]
+    if not used:
+        raise ValueError(f"t={t} is before the first snapshot (t={infos[0].t} in {infos[0].path})")
+    t_i, g_i = [], []
+    for s in used:
+        for g in s.gammas:
+            t_i.append(s.t / t)  # time in units of t: well scaled at any run length
+            g_i.append(g)
+    t_i = torch.tensor(t_i, dtype=torch.float64)
+    g_i = torch.tensor(g_i, dtype=torch.float64)
+    a = power_inner(t_i[:, None], g_i[:, None], t_i[None, :], g_i[None, :])
+    if target_gamma is not None:
+        one = torch.ones((), dtype=torch.float64)
+        gr = torch.tensor(target_gamma, dtype=torch.float64)
+        b = power_inner(t_i, g_i, one, gr)
+        norm = float(power_inner(one, gr, one, gr))
+    else:
+        rate_u = rate * t
+        b = exponential_inner(t_i, g_i, 1.0, rate_u)
+        norm = _exponential_norm(1.0, rate_u)
+    x = torch.linalg.lstsq(a, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    x = x / x.sum()
+    fit = float(x @ a @ x - 2 * x @ b + norm) / norm
+    fit = max(fit, 0.0)
+    sol_weights, k = [], 0
+    for s in used:
+        sol_weights.append(tuple(float(v) for v in x[k : k + s.num_profiles]))
+        k += s.num_profiles
+    solution = Solution(label, float(t), tuple(used), tuple(sol_weights), fit, float(x.abs().sum()))
+    if warn:
+        shortest = max(g for s in used for g in s.gammas)
+        if target_gamma is not None and target_gamma > shortest * (1 + 1e-9):
+            warnings.warn(f"posthoc: {label} is shorter than every tracked profile (largest gamma "
+                          f"{shortest:.4g}); the reconstruction is a poor fit (relative profile error "
+                          f"{fit:.2e})", stacklevel=2)
+        elif fit > FIT_ERROR_WARN:
+            warnings.warn(f"posthoc: {label} at t={t:g} is poorly supported by these snapshots (relative profile "
+                          f"error {fit:.2e} > {FIT_ERROR_WARN:g})", stacklevel=2)
+    return solution
+
+
+def reliable_range(
+    snaps: str | os.PathLike | Iterable[SnapshotInfo], *, t: float | None = None, max_fit_error: float = FIT_ERROR_WARN
+) -> tuple[float, float] | None:
+    """The ``sigma_rel`` interval whose reconstructions fit within ``max_fit_error`` (or None).
+
+    Scans a log grid from 0.001 to 0.288; the interval is the contiguous stretch around the
+    best-fitting point.
+    """
+    infos = _as_infos(snaps)
+    grid = [0.001 * (288.0 ** (i / 119)) for i in range(120)]
+    grid = [s for s in grid if s < schedules.SIGMA_REL_MAX]
+    errors = [solve_coefficients(infos, sigma_rel=s, t=t, warn=False).fit_error for s in grid]
+    best = min(range(len(grid)), key=errors.__getitem__)
+    if errors[best] > max_fit_error:
+        return None
+    lo = hi = best
+    while lo > 0 and errors[lo - 1] <= max_fit_error:
+        lo -= 1
+    while hi < len(grid) - 1 and errors[hi + 1] <= max_fit_error:
+        hi += 1
+    return grid[lo], grid[hi]
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+def reconstruct(
+    snaps: str | os.PathLike | Iterable[SnapshotInfo],
+    sigma_rel: float | Sequence[float] | None = None,
+    *,
+    gamma: float | None = None,
+    decay: float | None = None,
+    halflife: float | None = None,
+    t: float | None = None,
+    dtype: torch.dtype | str = "model",
+    progress: bool = True,
+) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    """Rebuild the EMA of the requested length from a snapshot directory (or a list of snapshots).
+
+    Returns a model state dict (keys as ``averaged_state_dict()``), or a list of them when
+    ``sigma_rel`` is a list. Streams: each snapshot file is read once for all requested
+    lengths, one tensor at a time, so memory holds the outputs plus one tensor. Copied
+    tensors (``num_batches_tracked``) and stored static ones come from the latest snapshot
+    used. ``dtype="model"`` casts to the model's dtypes, ``"float32"`` or a torch dtype to
+    that. A progress bar shows when tqdm is installed and ``progress`` is on.
+
+        sds = reconstruct("run/phema", sigma_rel=[0.05, 0.10, 0.15])
+    """
+    many = isinstance(sigma_rel, (list, tuple))
+    requests = list(sigma_rel) if many else [sigma_rel]
+    if many and not requests:
+        raise ValueError("sigma_rel: an empty list requests nothing")
+    infos = _as_infos(snaps)
+    solutions = [solve_coefficients(infos, s, gamma=gamma, decay=decay, halflife=halflife, t=t) for s in requests]
+    out_dtype = _out_dtype(dtype)
+    used = solutions[0].snapshots
+    latest = used[-1]
+    # Accumulate in fp32 at least (snapshots may be fp16/bf16), cast at the end.
+    acc_dtype = torch.promote_types(torch.float32, latest.dtype)
+    sums: list[dict[str, Tensor]] = [{} for _ in solutions]
+    _, safe_open = _safetensors_open()
+    bar = _progress(len(used) * len(latest.averaged) * max(s.num_profiles for s in used), progress)
+    try:
+        for i, info in enumerate(used):
+            try:
+                with safe_open(str(info.path), framework="pt") as f:
+                    for j in range(info.num_profiles):
+                        for name in info.averaged:
+                            x = f.get_tensor(f"avg.{j}/{name}").to(acc_dtype)
+                            for sol, acc in zip(solutions, sums):
+                                w = sol.weights[i][j]
+                                if name in acc:
+                                    acc[name].add_(x, alpha=w)
+                                else:
+                                    acc[name] = x * w
+                            bar.update(1)
+            except Exception as e:
+                raise SnapshotError(f"{info.path}: could not read the snapshot data (truncated or corrupted?): "
+                                    f"{e}") from None
+        extras: dict[str, Tensor] = {}
+        with safe_open(str(latest.path), framework="pt") as f:
+            for name in latest.copied:
+                extras[name] = f.get_tensor(f"copy/{name}")
+            for name in latest.static:
+                extras[name] = f.get_tensor(f"static/{name}")
+    finally:
+        bar.close()
+    results = []
+    for acc in sums:
+        values = {}
+        for name, v in acc.items():
+            target = latest.model_dtypes.get(name, torch.float32) if out_dtype is None else out_dtype
+            values[name] = v.to(target)
+        values.update(extras)
+        ordered = {}
+        for key in latest.keys:
+            primary = latest.aliases.get(key, key)
+            if primary in values:
+                ordered[key] = values[primary]
+        results.append(ordered)
+    return results if many else results[0]
+
+
+def _out_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
+    if dtype == "model":
+        return None
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype must be 'model' or a floating dtype name such as 'float32', got {dtype!r}")
+        return resolved
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"dtype must be 'model' or a floating torch.dtype, got {dtype!r}")
+
+
+def _safetensors_open():
+    from .snapshots import _safetensors
+
+    return _safetensors()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="reconstruct", unit="tensor", leave=False)
+
