@@ -38,8 +38,10 @@ def run(tmp_path_factory):
         if step % EVERY == 0:
             pema.save_snapshot(directory)
             if step == STEPS // 2:
-                mid = {s: {k: v.clone() for k, v in e.averaged_state_dict(dtype="average").items()}
-                       for s, e in direct.items()}
+                mid = {
+                    s: {k: v.clone() for k, v in e.averaged_state_dict(dtype="average").items()}
+                    for s, e in direct.items()
+                }
                 mid["final"] = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
     final = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
     return directory, pema, direct, classic, final, mid
@@ -118,8 +120,9 @@ def test_exponential_inner_matches_numerical_integral():
     p = (g + 1) * tau**g / t_i ** (g + 1)
     q = rate * np.exp(-rate * (t_r - tau)) / (1 - np.exp(-rate * t_r))
     want = np.trapezoid(p * q, tau)
-    got = posthoc.exponential_inner(torch.tensor([t_i], dtype=torch.float64), torch.tensor([g], dtype=torch.float64),
-                                    t_r, rate)
+    got = posthoc.exponential_inner(
+        torch.tensor([t_i], dtype=torch.float64), torch.tensor([g], dtype=torch.float64), t_r, rate
+    )
     assert float(got[0]) == pytest.approx(want, rel=1e-6)
 
 
@@ -200,3 +203,28 @@ def test_subset_of_moved_files_works(run, tmp_path):
     sd = posthoc.reconstruct(subset, sigma_rel=0.10, progress=False)
     want = pema.averaged_state_dict(sigma_rel=0.10)
     torch.testing.assert_close(sd["0.weight"], want["0.weight"], rtol=1e-6, atol=1e-7)
+
+
+def test_snapshot_at_time_zero_is_never_used(run, tmp_path):
+    directory, pema, *_ = run
+    _copy_dir(directory, tmp_path / "with_zero")
+    info = posthoc.list_snapshots(directory)[0]
+    zeros = {n: torch.zeros(info.shapes[n]) for n in info.averaged}
+    snapshots.write_snapshot(
+        tmp_path / "with_zero",
+        t=0,
+        num_updates=0,
+        sigma_rels=list(info.sigma_rels),
+        gammas=list(info.gammas),
+        averages=[zeros, zeros],
+        copies={n: torch.zeros(info.shapes[n], dtype=torch.int64) for n in info.copied},
+        static={},
+        model_dtypes=dict(info.model_dtypes),
+        dtype=torch.float32,
+        keys=list(info.keys),
+        aliases=dict(info.aliases),
+    )
+    sol = posthoc.solve_coefficients(tmp_path / "with_zero", sigma_rel=0.10)
+    assert min(s.t for s in sol.snapshots) == EVERY
+    sd = posthoc.reconstruct(tmp_path / "with_zero", sigma_rel=0.10, progress=False)
+    torch.testing.assert_close(sd["0.weight"], pema.averaged_state_dict(sigma_rel=0.10)["0.weight"])

@@ -1,7 +1,6 @@
 """PowerEMA: profiles against the closed-form weights, one pass == separate EMAs, resume, snapshots."""
 
 import io
-import json
 import os
 
 import pytest
@@ -157,4 +156,3 @@ def test_crash_while_writing_leaves_no_snapshot(tmp_path, monkeypatch):
     # A temporary file left by a hard kill is not a snapshot.
     (tmp_path / ".phema-000000000000001.safetensors.123.tmp").write_bytes(b"partial")
     assert snapshots.snapshot_paths(tmp_path) == []
-

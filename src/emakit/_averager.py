@@ -532,11 +532,17 @@ class _Averager:
 
     def _check_config(self, where: str, stored: Mapping[str, Any]) -> None:
         """Warn about stored settings that differ from ours; ours are kept. Subclasses may raise."""
-        diffs = [f"{k}: stored {stored[k]!r}, this one {v!r}" for k, v in self._config().items() if k in stored
-                 and stored[k] != v]
+        diffs = [
+            f"{k}: stored {stored[k]!r}, this one {v!r}"
+            for k, v in self._config().items()
+            if k in stored and stored[k] != v
+        ]
         if diffs:
-            warnings.warn(f"{where}: the state dict was saved with other settings; keeping this "
-                          f"{self._owner}'s ({'; '.join(diffs)})", stacklevel=3)
+            warnings.warn(
+                f"{where}: the state dict was saved with other settings; keeping this "
+                f"{self._owner}'s ({'; '.join(diffs)})",
+                stacklevel=3,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: averages and copies by name, time, counters, config.
@@ -569,12 +575,15 @@ class _Averager:
             raise TypeError(f"{where}: expected a mapping, got {type(state_dict).__name__}")
         if state_dict.get("format") != self._format:
             hint = " (a model state dict? use load_averaged_state_dict)" if "format" not in state_dict else ""
-            raise ValueError(f"{where}: not a {self._owner} state dict: format={state_dict.get('format')!r}, "
-                             f"expected {self._format!r}{hint}")
+            raise ValueError(
+                f"{where}: not a {self._owner} state dict: format={state_dict.get('format')!r}, "
+                f"expected {self._format!r}{hint}"
+            )
         version = state_dict.get("version")
         if not isinstance(version, int) or version > _STATE_VERSION:
-            raise ValueError(f"{where}: state dict version {version!r} is not supported (this emakit reads up to "
-                             f"{_STATE_VERSION})")
+            raise ValueError(
+                f"{where}: state dict version {version!r} is not supported (this emakit reads up to {_STATE_VERSION})"
+            )
         t = check_time(where, state_dict.get("t"))
         counts = {}
         for key in ("num_updates", "num_skipped"):
@@ -584,9 +593,11 @@ class _Averager:
             counts[key] = value
         averages = state_dict.get("averages")
         if not isinstance(averages, (list, tuple)) or len(averages) != self._num_profiles:
-            raise ValueError(f"{where}: 'averages' must be a list of {self._num_profiles} name -> tensor mappings "
-                             f"(one per profile), got {type(averages).__name__}"
-                             f"{f' of {len(averages)}' if isinstance(averages, (list, tuple)) else ''}")
+            raise ValueError(
+                f"{where}: 'averages' must be a list of {self._num_profiles} name -> tensor mappings "
+                f"(one per profile), got {type(averages).__name__}"
+                f"{f' of {len(averages)}' if isinstance(averages, (list, tuple)) else ''}"
+            )
         stored = state_dict.get("config", {})
         if not isinstance(stored, Mapping):
             raise ValueError(f"{where}: 'config' must be a mapping, got {type(stored).__name__}")
@@ -612,20 +623,28 @@ class _Averager:
                     raise KeyError(f"{where}: missing tensor {name!r} in {label!r}")
             for name, value in given.items():
                 if name not in expected:
-                    raise KeyError(f"{where}: unexpected tensor {name!r} in {label!r}; this "
-                                   f"{self._owner} does not track it")
+                    raise KeyError(
+                        f"{where}: unexpected tensor {name!r} in {label!r}; this {self._owner} does not track it"
+                    )
                 if not isinstance(value, Tensor):
                     raise TypeError(f"{where}: {label}[{name!r}] must be a tensor, got {type(value).__name__}")
                 if value.shape != expected[name].shape:
-                    raise ValueError(f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
-                                     f"{tuple(expected[name].shape)}")
+                    raise ValueError(
+                        f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
+                        f"{tuple(expected[name].shape)}"
+                    )
 
     @torch.no_grad()
     def _load_tensors(self, where: str, k: int, averages: Mapping[str, Tensor], copies: Mapping[str, Tensor]) -> None:
-        cast = sorted({str(averages[n].dtype) for n, v, _, _ in self._average_tensors(k) if averages[n].dtype != v.dtype})
+        cast = sorted(
+            {str(averages[n].dtype) for n, v, _, _ in self._average_tensors(k) if averages[n].dtype != v.dtype}
+        )
         if cast:
-            warnings.warn(f"{where}: averages stored as {', '.join(cast)} were cast to this {self._owner}'s "
-                          f"dtype; its precision is unchanged", stacklevel=3)
+            warnings.warn(
+                f"{where}: averages stored as {', '.join(cast)} were cast to this {self._owner}'s "
+                f"dtype; its precision is unchanged",
+                stacklevel=3,
+            )
         for name, view, _, _ in self._average_tensors(k):
             view.copy_(averages[name])
         for name, stored in self._copies.items():

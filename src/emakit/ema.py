@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,6 +13,7 @@ from ._averager import _Averager, check_time
 from ._model import normalize_name
 
 __all__ = ["EMA"]
+
 
 class EMA(_Averager):
     """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * weights``.
@@ -78,7 +77,13 @@ class EMA(_Averager):
         if not callable(schedule):
             raise TypeError(f"EMA: schedule must be callable f(t, dt) -> decay, got {schedule!r}")
         super().__init__(
-            model, [schedule], buffers=buffers, include=include, dtype=dtype, device=device, skip_nonfinite=skip_nonfinite
+            model,
+            [schedule],
+            buffers=buffers,
+            include=include,
+            dtype=dtype,
+            device=device,
+            skip_nonfinite=skip_nonfinite,
         )
 
     @property

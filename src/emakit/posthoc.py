@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -134,8 +134,10 @@ def _check_same_run(infos: Sequence[SnapshotInfo]) -> None:
         if info.shapes != first.shapes or info.averaged != first.averaged or info.copied != first.copied:
             diff = sorted(set(info.shapes.items()) ^ set(first.shapes.items()))
             detail = f"first difference: {diff[0][0]!r}" if diff else "tensor lists differ"
-            raise SnapshotError(f"{info.path}: holds other tensors than {first.path} ({detail}); snapshots of "
-                                f"different models cannot be combined")
+            raise SnapshotError(
+                f"{info.path}: holds other tensors than {first.path} ({detail}); snapshots of "
+                f"different models cannot be combined"
+            )
 
 
 def _as_infos(snaps: str | os.PathLike | Iterable[SnapshotInfo]) -> list[SnapshotInfo]:
@@ -171,11 +173,14 @@ class Solution:
 
 def _target(sigma_rel, gamma, decay, halflife) -> tuple[str, float | None, float | None]:
     """(label, gamma, rate) of the requested target; exactly one way of stating it."""
-    given = {k: v for k, v in (("sigma_rel", sigma_rel), ("gamma", gamma), ("decay", decay),
-                               ("halflife", halflife)) if v is not None}
+    given = {
+        k: v
+        for k, v in (("sigma_rel", sigma_rel), ("gamma", gamma), ("decay", decay), ("halflife", halflife))
+        if v is not None
+    }
     if len(given) != 1:
         raise ValueError(f"give exactly one of sigma_rel, gamma, decay or halflife, got {given or 'none'}")
-    (key, value), = given.items()
+    ((key, value),) = given.items()
     if key == "sigma_rel":
         return f"sigma_rel={value:g}", schedules.sigma_rel_to_gamma(value), None
     if key == "gamma":
@@ -248,12 +253,18 @@ def solve_coefficients(
     if warn:
         shortest = max(g for s in used for g in s.gammas)
         if target_gamma is not None and target_gamma > shortest * (1 + 1e-9):
-            warnings.warn(f"posthoc: {label} is shorter than every tracked profile (largest gamma "
-                          f"{shortest:.4g}); the reconstruction is a poor fit (relative profile error "
-                          f"{fit:.2e})", stacklevel=2)
+            warnings.warn(
+                f"posthoc: {label} is shorter than every tracked profile (largest gamma "
+                f"{shortest:.4g}); the reconstruction is a poor fit (relative profile error "
+                f"{fit:.2e})",
+                stacklevel=2,
+            )
         elif fit > FIT_ERROR_WARN:
-            warnings.warn(f"posthoc: {label} at t={t:g} is poorly supported by these snapshots (relative profile "
-                          f"error {fit:.2e} > {FIT_ERROR_WARN:g})", stacklevel=2)
+            warnings.warn(
+                f"posthoc: {label} at t={t:g} is poorly supported by these snapshots (relative profile "
+                f"error {fit:.2e} > {FIT_ERROR_WARN:g})",
+                stacklevel=2,
+            )
     return solution
 
 
@@ -334,8 +345,9 @@ def reconstruct(
                                     acc[name] = x * w
                             bar.update(1)
             except Exception as e:
-                raise SnapshotError(f"{info.path}: could not read the snapshot data (truncated or corrupted?): "
-                                    f"{e}") from None
+                raise SnapshotError(
+                    f"{info.path}: could not read the snapshot data (truncated or corrupted?): {e}"
+                ) from None
         extras: dict[str, Tensor] = {}
         with safe_open(str(latest.path), framework="pt") as f:
             for name in latest.copied:
@@ -395,4 +407,3 @@ def _progress(total: int, enabled: bool):
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc="reconstruct", unit="tensor", leave=False)
-

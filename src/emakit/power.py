@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -65,8 +66,9 @@ class PowerEMA(_Averager):
         skip_nonfinite: bool = False,
     ) -> None:
         if sigma_rels is not None and gammas is not None:
-            raise ValueError(f"PowerEMA: give sigma_rels or gammas, not both; got sigma_rels={sigma_rels}, "
-                             f"gammas={gammas}")
+            raise ValueError(
+                f"PowerEMA: give sigma_rels or gammas, not both; got sigma_rels={sigma_rels}, gammas={gammas}"
+            )
         if gammas is None:
             values = (0.05, 0.10) if sigma_rels is None else sigma_rels
             label = "sigma_rels"
@@ -97,8 +99,10 @@ class PowerEMA(_Averager):
     def __repr__(self) -> str:
         numel = sum(g.numel for g in self._groups)
         profiles = ", ".join(f"{s:.4g}" for s in self.sigma_rels)
-        return (f"PowerEMA(sigma_rels=({profiles}), t={self.t}, num_updates={self.num_updates}, "
-                f"averaged={len(self._spec.average)} tensors / {numel} elements per profile)")
+        return (
+            f"PowerEMA(sigma_rels=({profiles}), t={self.t}, num_updates={self.num_updates}, "
+            f"averaged={len(self._spec.average)} tensors / {numel} elements per profile)"
+        )
 
     def update(self, model: nn.Module | None = None, *, t: float | None = None, dt: float | None = None) -> tuple:
         """Move every profile toward the model's current weights; returns their decays.
@@ -113,14 +117,18 @@ class PowerEMA(_Averager):
         if sigma_rel is None:
             if len(self._schedules) == 1:
                 return 0
-            raise ValueError(f"PowerEMA.{where}: this PowerEMA tracks several profiles; pick one with sigma_rel= "
-                             f"(one of {', '.join(f'{s:.6g}' for s in self.sigma_rels)})")
+            raise ValueError(
+                f"PowerEMA.{where}: this PowerEMA tracks several profiles; pick one with sigma_rel= "
+                f"(one of {', '.join(f'{s:.6g}' for s in self.sigma_rels)})"
+            )
         for j, s in enumerate(self.sigma_rels):
             if math.isclose(s, sigma_rel, rel_tol=1e-6):
                 return j
-        raise ValueError(f"PowerEMA.{where}: sigma_rel={sigma_rel} is not tracked (tracked: "
-                         f"{', '.join(f'{s:.6g}' for s in self.sigma_rels)}); other lengths come from "
-                         f"emakit.posthoc.reconstruct on saved snapshots")
+        raise ValueError(
+            f"PowerEMA.{where}: sigma_rel={sigma_rel} is not tracked (tracked: "
+            f"{', '.join(f'{s:.6g}' for s in self.sigma_rels)}); other lengths come from "
+            f"emakit.posthoc.reconstruct on saved snapshots"
+        )
 
     def averaged_state_dict(self, sigma_rel: float | None = None, *, dtype: str = "model") -> dict[str, Tensor]:
         """The model's state dict with profile ``sigma_rel``'s averages (see :meth:`emakit.EMA.averaged_state_dict`)."""
@@ -148,10 +156,14 @@ class PowerEMA(_Averager):
     def _check_config(self, where: str, stored: Mapping[str, Any]) -> None:
         # The averages are per profile: another set of profiles cannot be loaded into these.
         gammas = stored.get("gammas")
-        if gammas is not None and (len(gammas) != len(self.gammas)
-                                   or any(not math.isclose(a, b, rel_tol=1e-9) for a, b in zip(gammas, self.gammas))):
-            raise ValueError(f"{where}: the state dict tracks gammas={list(gammas)}, this PowerEMA "
-                             f"gammas={list(self.gammas)} (sigma_rels={list(self.sigma_rels)})")
+        if gammas is not None and (
+            len(gammas) != len(self.gammas)
+            or any(not math.isclose(a, b, rel_tol=1e-9) for a, b in zip(gammas, self.gammas))
+        ):
+            raise ValueError(
+                f"{where}: the state dict tracks gammas={list(gammas)}, this PowerEMA "
+                f"gammas={list(self.gammas)} (sigma_rels={list(self.sigma_rels)})"
+            )
         super()._check_config(where, {k: v for k, v in stored.items() if k != "gammas"})
 
     def save_snapshot(
@@ -174,9 +186,11 @@ class PowerEMA(_Averager):
         if self.t <= 0:
             raise ValueError("PowerEMA.save_snapshot: nothing to save at t=0; call update() first")
         if dtype in (torch.float16, torch.bfloat16):
-            warnings.warn(f"PowerEMA.save_snapshot: storing snapshots as {dtype} amplifies post-hoc reconstruction "
-                          f"error (the solve combines snapshots with large coefficients); float32 is the default",
-                          stacklevel=2)
+            warnings.warn(
+                f"PowerEMA.save_snapshot: storing snapshots as {dtype} amplifies post-hoc reconstruction "
+                f"error (the solve combines snapshots with large coefficients); float32 is the default",
+                stacklevel=2,
+            )
         keys = list(self._averaged_state_dict(0, "average"))  # the model's keys, in order
         live = {}
         if static and self._spec.live:

@@ -20,9 +20,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -187,7 +187,9 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
     try:
         version = int(meta["version"])
         if version > VERSION:
-            raise SnapshotError(f"{path}: snapshot format version {version} is newer than this emakit reads ({VERSION})")
+            raise SnapshotError(
+                f"{path}: snapshot format version {version} is newer than this emakit reads ({VERSION})"
+            )
         t = float(meta["t"])
         sigma_rels = tuple(float(s) for s in json.loads(meta["sigma_rels"]))
         gammas = tuple(float(g) for g in json.loads(meta["gammas"]))
@@ -210,7 +212,9 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
     if expected != set(keys):
         missing = sorted(expected - set(keys))
         extra = sorted(set(keys) - expected)
-        raise SnapshotError(f"{path}: tensors do not match the metadata (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise SnapshotError(
+            f"{path}: tensors do not match the metadata (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     named_shapes = {n: shapes[f"avg.0/{n}"] for n in averaged}
     named_shapes.update({n: shapes[f"copy/{n}"] for n in copied})
     named_shapes.update({n: shapes[f"static/{n}"] for n in static})
