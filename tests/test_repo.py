@@ -18,9 +18,12 @@ def test_ruff_lint_is_clean():
 def test_readme_quick_start_runs_as_written(tmp_path):
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    assert blocks, "README.md has no python block"
-    code = blocks[0].replace("/tmp/ckpt.pt", str(tmp_path / "ckpt.pt"))
-    exec(compile(code, "README.md", "exec"), {})
+    assert len(blocks) >= 2, "README.md should hold the quick start and the post-hoc example"
+    namespace: dict = {}
+    for block in blocks:  # later blocks continue the first (same model and optimizer)
+        code = block.replace("/tmp/ckpt.pt", str(tmp_path / "ckpt.pt")).replace("/tmp/run", str(tmp_path / "run"))
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert len(list((tmp_path / "run" / "phema").iterdir())) == 10
 
 
 def test_readme_setup_and_test_commands_are_what_ci_runs():
@@ -41,6 +44,17 @@ def test_quickstart_example_runs():
     )
     assert out.returncode == 0, out.stderr
     assert "power EMA" in out.stdout and "checkpoint restored at t=1500" in out.stdout
+
+
+def test_power_benchmark_runs_at_tiny_scale():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_power.py"), "--scale", "0.001", "--reps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "PowerEMA, two profiles (one pass)" in out.stdout and "posthoc.reconstruct" in out.stdout
 
 
 def test_update_benchmark_runs_at_tiny_scale():
