@@ -162,7 +162,11 @@ def multi_lerp_(
         source = [_slice(weights, flats, p) for p in batch]
         if scratch is not None:
             staged = scratch[b]
-            torch._foreach_copy_(staged, source)
+            if staged[0].device == source[0].device:
+                torch._foreach_copy_(staged, source)
+            else:  # e.g. weights on an accelerator, averages in host memory
+                for dst, src in zip(staged, source):
+                    dst.copy_(src)
             source = staged
         for k, w in enumerate(coefficients):
             lerp_(list(averages[k][b]), source, w)
