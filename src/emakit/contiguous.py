@@ -23,7 +23,9 @@ def contiguous_parameters_(
     models with many small tensors (2000 tensors of ~1k elements: 3-4x faster).
 
     Call it before creating the EMA and after moving the model to its device and dtype:
-    ``model.to(...)`` replaces the storage and undoes it. ``trainable_only`` (default)
+    ``model.to(...)`` replaces the storage and undoes it (the EMA notices and falls back to
+    per-tensor updates). Do not assign ``p.data`` of single parameters afterwards: to stay at
+    one array's speed the EMA checks only the first and last parameter of the buffer. ``trainable_only`` (default)
     leaves frozen parameters where they are, as the EMA does not average them.
 
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
