@@ -157,6 +157,32 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.out is None:  # keep earlier demo runs: take the first free runs/demo, runs/demo-2, ...
+        args.out = next(
+            p for p in (f"runs/demo{'' if i == 1 else f'-{i}'}" for i in range(1, 10**6)) if not Path(p).exists()
+        )
+    report = demo.run(args.out, quick=args.quick, seed=args.seed, overrides=args.overrides, progress=not args.quiet)
+    out = Path(args.out)
+    best = report["best"]
+    raw = next(r for r in report["results"] if r["name"] == "raw")
+    print(f"\n{report['metric_name']} (lower is better, seed-to-seed noise {report['noise']:.2f}):")
+    for r in report["results"]:
+        print(f"  {r['name']:<18} {r['metric']:8.2f}{'   <- best' if r == best else ''}")
+    print(
+        f"best: {best['name']} ({best['metric']:.2f} vs raw {raw['metric']:.2f}); {report['wall_seconds']:.0f} s in all"
+    )
+    for name in ("report.md", "report.json", "sweep.png", "samples_raw.png", "samples_ema.png"):
+        print(f"  {out / name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emakit", description="Averaged model weights for PyTorch training.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
@@ -179,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_reconstruct)
+
+    p = sub.add_parser("demo", help="train a small diffusion model, sweep EMA lengths post hoc, write a report")
+    p.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-2, ... if taken)")
+    p.add_argument("--quick", action="store_true", help="about a minute instead of a few")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe config overrides, e.g. steps=4000")
+    p.set_defaults(run=cmd_demo)
     return parser
 
 
