@@ -103,3 +103,11 @@ def test_sampler_is_seeded_and_bounded(method):
 def test_data_is_bundled_and_scaled():
     x, y = D.load_digits_tensor()
     assert x.shape == (1797, 64) and x.min() == -1 and x.max() == 1 and set(y.tolist()) == set(range(10))
+
+
+def test_command_line_resume_flag(tmp_path, capsys):
+    common = [*TINY, f"out_dir={tmp_path}", "steps=10"]
+    assert D.main(common) == 0
+    assert D.main([*common[:-1], "steps=20", "--resume"]) == 0
+    assert [r["step"] for r in losses(tmp_path)] == [5, 10, 15, 20]
+    assert "trained to step 20" in capsys.readouterr().out

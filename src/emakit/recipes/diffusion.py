@@ -13,7 +13,7 @@ It trains the way Stable Diffusion is trained, at the size of a CPU:
 - DDIM or DDPM sampling.
 
     python -m emakit.recipes.diffusion out_dir=runs/digits steps=8000
-    python -m emakit.recipes.diffusion out_dir=runs/digits steps=8000 resume=true
+    python -m emakit.recipes.diffusion out_dir=runs/digits steps=8000 --resume   # or resume=true
 
 Needs the ``demo`` extra: ``pip install -c constraints.txt 'emakit[demo]'``.
 """
@@ -398,7 +398,9 @@ def _tensorboard(out: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = Config.from_overrides(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    args = ["resume=true" if a == "--resume" else a for a in args]  # `--resume` reads as resume=true
+    cfg = Config.from_overrides(args)
     result = train(cfg)
     print(f"trained to step {cfg.steps}; log {result['log']}, snapshots {result['snapshots']}")
     return 0
