@@ -336,7 +336,7 @@ def train(cfg: Config) -> dict:
                 if writer is not None:
                     writer.add_scalar("loss", total, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
+            bar.set_postfix(loss=f"{total:.4f}", refresh=False)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_atomic(
                     {
@@ -386,7 +386,9 @@ def _progress(cfg: Config, initial: int):
                 pass
 
         return _Quiet()
-    return tqdm(total=cfg.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    # Redraw at most once a second on a terminal, every 30 s into a log file (e.g. CI).
+    interval = 1.0 if sys.stderr.isatty() else 30.0
+    return tqdm(total=cfg.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=interval)
 
 
 def _tensorboard(out: Path):
