@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from . import __version__
+from ._atomic import write_then_rename
 
 
 class CommandError(Exception):
@@ -130,28 +130,25 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         if "sigma_rel" not in kw:
             results.append(posthoc.reconstruct(snaps, t=args.t, dtype=args.dtype, progress=not args.quiet, **kw))
     out.mkdir(parents=True, exist_ok=True)
-    written: list[tuple[Path, Path]] = []
-    try:
-        for path, sol, sd in zip(paths, solutions, results):
-            tensors = {k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
-            meta = {
-                "format": "emakit.ema",
-                "target": sol.target,
-                "t": repr(sol.t),
-                "fit_error": repr(sol.fit_error),
-                "noise_gain": repr(sol.noise_gain),
-                "snapshots": str(len(sol.snapshots)),
-                "source": str(Path(args.directory).resolve()),
-            }
-            tmp = out / f".{path.name}.{os.getpid()}.tmp"
-            safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-            written.append((tmp, path))
-        for tmp, path in written:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in written:
-            if tmp.exists():
-                tmp.unlink()
+    writes = []
+    for path, sol, sd in zip(paths, solutions, results):
+        tensors = {k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        meta = {
+            "format": "emakit.ema",
+            "target": sol.target,
+            "t": repr(sol.t),
+            "fit_error": repr(sol.fit_error),
+            "noise_gain": repr(sol.noise_gain),
+            "snapshots": str(len(sol.snapshots)),
+            "source": str(Path(args.directory).resolve()),
+        }
+        writes.append(
+            (
+                path,
+                lambda tmp, tensors=tensors, meta=meta: safetensors.torch.save_file(tensors, str(tmp), metadata=meta),
+            )
+        )
+    write_then_rename(writes)  # all files or none
     for path, sol in zip(paths, solutions):
         print(f"{path}  {sol.target}  t={sol.t:g}  fit_error={sol.fit_error:.2e}  noise_gain={sol.noise_gain:.2f}")
     return 0

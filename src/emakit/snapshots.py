@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._atomic import write_then_rename
+
 __all__ = ["FORMAT", "VERSION", "SnapshotError", "SnapshotInfo", "read_info", "snapshot_paths", "write_snapshot"]
 
 FORMAT = "emakit.phema"
@@ -143,23 +145,7 @@ def write_snapshot(
         "keys": json.dumps(keys),
         "aliases": json.dumps(aliases),
     }
-    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename durable
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    write_then_rename([(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))])
     return final
 
 
