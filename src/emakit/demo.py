@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import posthoc
+from ._atomic import write_then_rename
 from .recipes import diffusion
 
 SWEEP = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
@@ -188,12 +189,17 @@ def run(
         "config": asdict(cfg),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    _write_markdown(out / "report.md", report, cfg)
-    _plot_sweep(out / "sweep.png", rows, noise)
-    _plot_samples(out / "samples_raw.png", raw_samples, "raw weights")
     best_samples = samples_by_name.get(best["name"], raw_samples)
-    _plot_samples(out / "samples_ema.png", best_samples, f"EMA {best['name']}")
+    text = json.dumps(report, indent=2) + "\n"
+    write_then_rename(
+        [  # all report files appear together, or none
+            (out / "report.json", lambda tmp: tmp.write_text(text)),
+            (out / "report.md", lambda tmp: _write_markdown(tmp, report, cfg)),
+            (out / "sweep.png", lambda tmp: _plot_sweep(tmp, rows, noise)),
+            (out / "samples_raw.png", lambda tmp: _plot_samples(tmp, raw_samples, "raw weights")),
+            (out / "samples_ema.png", lambda tmp: _plot_samples(tmp, best_samples, f"EMA {best['name']}")),
+        ]
+    )
     return report
 
 
@@ -281,7 +287,7 @@ def _plot_sweep(path: Path, rows: list[dict], noise: float) -> None:
     ax.set_ylim(0, top)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -297,5 +303,5 @@ def _plot_samples(path: Path, samples: torch.Tensor, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
