@@ -112,7 +112,6 @@ class _Binding:
 
     sources: list[list[tuple[dict, str]]]  # per group: (table, attr) per tensor
     big: list[list[tuple[dict, str]]]  # per group: sources of the large tensors
-    small: list[list[tuple[dict, str]]]  # per group: sources of the gathered small tensors
     small_flat: list[list[Tensor]]  # per group: 1-D views of those sources
     ptrs: list[list[int]]  # per group: data pointers of all sources when bound (a change: re-allocated)
     copies: list[tuple[dict, str]]
@@ -358,11 +357,10 @@ class _Averager:
         for name, stored in self._copies.items():
             self._check_slot(slots[name], stored.shape, stored.dtype, None)
             copies.append((slots[name].table, slots[name].attr))
-        big, small, small_flat, all_ptrs = [], [], [], []
+        big, small_flat, all_ptrs = [], [], []
         for group, row in zip(self._groups, sources):
             big.append([row[i] for i in group.big])
-            small.append([row[i] for i in group.small])
-            small_flat.append([kernels.flat_view(tbl[a].detach()) for tbl, a in small[-1]])
+            small_flat.append([kernels.flat_view(row[i][0][row[i][1]].detach()) for i in group.small])
             all_ptrs.append([tbl[a].data_ptr() for tbl, a in row])
         regions, ptrs = [], []
         for group, row in zip(self._groups, sources):
@@ -380,7 +378,7 @@ class _Averager:
                         self._scratch_for(group.dtype, group.device, min(chunk, group.numel)) if group.staged else None,
                         chunk,
                     )
-        return _Binding(sources, big, small, small_flat, all_ptrs, copies, regions, ptrs)
+        return _Binding(sources, big, small_flat, all_ptrs, copies, regions, ptrs)
 
     def _check_slot(self, slot: Slot, shape: torch.Size, dtype: torch.dtype, device: torch.device | None) -> Tensor:
         t = slot.get()
