@@ -94,6 +94,7 @@ class _Group:
     staged: bool  # source dtype/device differ from the average's
     # Large tensors: one fused call over whole tensors, or chunked (``layout``) when staged or K > 1.
     big: list[int] = field(default_factory=list)
+    big_views: list[Tensor] = field(default_factory=list)  # profile 0's views of those tensors
     layout: _Layout | None = None
     # Runs of consecutive small tensors: gathered into a scratch with one ``torch.cat`` per
     # batch, then one ``lerp_`` per average on the matching contiguous slice of ``buffer``.
@@ -301,6 +302,7 @@ class _Averager:
             staged_view = self._scratch_for(dtype, device, numel)[:numel] if staged else None
             targets = [buffer[j, start : start + numel] for j in range(k)]
             group.gathers.append(_Gather(first, len(group.small), targets, gathered, staged_view))
+        group.big_views = [views[0][i] for i in group.big]
         if group.big and (staged or k > 1):
             big_views = [[views[j][i] for i in group.big] for j in range(k)]
             need = min(chunk, sum(shapes[i].numel() for i in group.big))
@@ -349,9 +351,8 @@ class _Averager:
         for group in self._groups:
             row = []
             for name, shape in zip(group.names, group.shapes):
-                t = self._check_slot(slots[name], shape, group.source_dtype, group.source_device)
+                self._check_slot(slots[name], shape, group.source_dtype, group.source_device)
                 row.append((slots[name].table, slots[name].attr))
-                del t
             sources.append(row)
         copies = []
         for name, stored in self._copies.items():
@@ -380,7 +381,7 @@ class _Averager:
                     )
         return _Binding(sources, big, small_flat, all_ptrs, copies, regions, ptrs)
 
-    def _check_slot(self, slot: Slot, shape: torch.Size, dtype: torch.dtype, device: torch.device | None) -> Tensor:
+    def _check_slot(self, slot: Slot, shape: torch.Size, dtype: torch.dtype, device: torch.device | None) -> None:
         t = slot.get()
         if t.shape != shape:
             raise ValueError(
@@ -393,7 +394,6 @@ class _Averager:
             )
         if device is not None and t.device != device:
             raise ValueError(f"{self._owner}: tensor {slot.name!r} is on {t.device} in the model, expected {device}")
-        return t
 
     def _fresh_binding(self, model: nn.Module | None) -> _Binding:
         """The binding, re-checked cheaply; rebuilt (and so re-validated) when the model's tensors
@@ -428,15 +428,13 @@ class _Averager:
 
     @staticmethod
     def _all_finite(binding: _Binding) -> bool:
-        norms = []
+        norms: dict[torch.device, list[Tensor]] = {}
         for row in binding.sources:
             tensors = [tbl[a] for tbl, a in row]
             if tensors:
-                norms.extend(torch._foreach_norm(tensors, float("inf")))
-        if not norms:
-            return True
-        # One host synchronisation, only when the non-finite guard is on.
-        return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+                norms.setdefault(tensors[0].device, []).extend(torch._foreach_norm(tensors, float("inf")))
+        # One host synchronisation per device, only when the non-finite guard is on.
+        return all(bool(torch.isfinite(torch.stack([n.float() for n in ns])).all()) for ns in norms.values())
 
     @torch.no_grad()
     def _apply(self, binding: _Binding, coefficients: list[float]) -> None:
@@ -453,13 +451,7 @@ class _Averager:
             if group.big:
                 sources = [tbl[a] for tbl, a in binding.big[g]]
                 if group.layout is None:
-                    kernels.lerp_(
-                        [group.views[0][i] for i in group.big]
-                        if len(group.big) != len(group.names)
-                        else group.views[0],
-                        sources,
-                        coefficients[0],
-                    )
+                    kernels.lerp_(group.big_views, sources, coefficients[0])
                 else:
                     layout = group.layout
                     kernels.multi_lerp_(layout.pieces, sources, layout.batches, coefficients, layout.scratch)
