@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import distributed, kernels
 from ._model import Slot, default_average_dtype, is_float, model_slots, normalize_name
 
 _BUFFER_MODES = ("average", "copy")
@@ -80,13 +82,15 @@ class _Gather:
 class _Group:
     """Averaged tensors sharing (kind, source dtype/device, average dtype/device), stored flat."""
 
+    kind: str  # how the sources are held: see emakit.distributed (local, dtensor, rows, zero3)
     is_param: bool
     source_dtype: torch.dtype
     source_device: torch.device
     dtype: torch.dtype
     device: torch.device
     names: list[str]
-    shapes: list[torch.Size]
+    layouts: list[distributed.Layout | None]  # per tensor: its global layout when sharded
+    shapes: list[torch.Size]  # of this rank's local parts (the whole tensors when not sharded)
     strides: list[tuple[int, ...]]
     offsets: list[int]
     buffer: Tensor  # (K, numel)
@@ -112,8 +116,9 @@ class _Binding:
     """A model bound to the averages: where to read each tensor, checked once."""
 
     sources: list[list[tuple[dict, str]]]  # per group: (table, attr) per tensor
-    big: list[list[tuple[dict, str]]]  # per group: sources of the large tensors
-    small_flat: list[list[Tensor]]  # per group: 1-D views of those sources
+    locals: list[list[Tensor]]  # per group: the part of each tensor this rank averages
+    big: list[list[Tensor]]  # per group: local parts of the large tensors
+    small_flat: list[list[Tensor]]  # per group: 1-D views of the small ones
     ptrs: list[list[int]]  # per group: data pointers of all sources when bound (a change: re-allocated)
     copies: list[tuple[dict, str]]
     regions: list[Tensor | None]  # per group: one flat view over all its sources, if laid out so
@@ -145,6 +150,7 @@ class _Averager:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        shard: Any = False,
     ) -> None:
         owner = type(self).__name__
         num_profiles = len(schedules)
@@ -156,6 +162,8 @@ class _Averager:
             raise TypeError(f"{owner}: include must be a callable name -> bool, got {include!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"{owner}: dtype must be a floating torch.dtype or None, got dtype={dtype!r}")
+        distributed.check_model(owner, model)
+        rows_mesh = distributed.default_mesh(owner, shard)
         self._owner = owner
         self._model = model
         self._buffers_mode = buffers
@@ -163,16 +171,12 @@ class _Averager:
         self._device = torch.device(device) if device is not None else None
         self._swapped = False
 
+        distributed.reshard(model)  # FSDP2: the sharded parameters are the ones registered
         slots, self._aliases = model_slots(model)
         spec = _Spec()
         tensors: dict[str, Tensor] = {}
         for name, slot in slots.items():
             t = slot.get()
-            if type(t.detach()) is not Tensor:
-                raise NotImplementedError(
-                    f"{owner}: tensor {name!r} is a {type(t.detach()).__name__}; sharded (DTensor) and other "
-                    f"tensor subclasses are not supported yet"
-                )
             tensors[name] = t
             included = include is None or bool(include(name))
             if slot.is_param:
@@ -184,24 +188,44 @@ class _Averager:
             else:
                 kind = "copy"  # integer / bool buffers, and float buffers with buffers="copy"
             getattr(spec, kind).append(name)
+        for name in spec.copy:
+            if type(tensors[name].detach()) is not Tensor:
+                raise NotImplementedError(
+                    f"{owner}: buffer {name!r} is a {type(tensors[name]).__name__}; non-floating buffers are "
+                    f"copied whole and must be plain tensors"
+                )
         self._spec = spec
         self._slots = slots
+        self._rows_mesh = rows_mesh
 
-        # Group the averaged tensors and allocate one flat (K, numel) buffer per group.
+        # Group the averaged tensors (this rank's parts of them) and allocate one flat
+        # (K, numel) buffer per group.
         grouped: dict[tuple, list[str]] = {}
+        local: dict[str, Tensor] = {}
+        layouts: dict[str, distributed.Layout | None] = {}
         for name in spec.average:
             t = tensors[name]
+            kind, layouts[name], local[name] = distributed.classify(t, rows_mesh)
             avg_dtype = dtype or default_average_dtype(t.dtype)
-            avg_device = self._device or t.device
-            key = (slots[name].is_param, t.dtype, t.device, avg_dtype, avg_device)
+            avg_device = self._device or local[name].device
+            key = (kind, slots[name].is_param, t.dtype, local[name].device, avg_dtype, avg_device)
             grouped.setdefault(key, []).append(name)
         self._groups: list[_Group] = []
         self._scratch: dict[tuple, Tensor] = {}
         with torch.no_grad():
-            for (is_param, src_dtype, src_device, avg_dtype, avg_device), names in grouped.items():
+            for (kind, is_param, src_dtype, src_device, avg_dtype, avg_device), names in grouped.items():
                 self._groups.append(
                     self._make_group(
-                        names, tensors, num_profiles, is_param, src_dtype, src_device, avg_dtype, avg_device
+                        kind,
+                        names,
+                        local,
+                        [layouts[n] for n in names],
+                        num_profiles,
+                        is_param,
+                        src_dtype,
+                        src_device,
+                        avg_dtype,
+                        avg_device,
                     )
                 )
             self._copies = {
@@ -243,8 +267,10 @@ class _Averager:
 
     def _make_group(
         self,
+        kind: str,
         names: list[str],
         tensors: dict[str, Tensor],
+        layouts: list[distributed.Layout | None],
         k: int,
         is_param: bool,
         src_dtype: torch.dtype,
@@ -275,7 +301,20 @@ class _Averager:
             torch._foreach_copy_(views[j], [tensors[n].detach() for n in names])
         staged = src_dtype != dtype or src_device != device
         group = _Group(
-            is_param, src_dtype, src_device, dtype, device, names, shapes, strides, offsets, buffer, views, staged
+            kind,
+            is_param,
+            src_dtype,
+            src_device,
+            dtype,
+            device,
+            names,
+            layouts,
+            shapes,
+            strides,
+            offsets,
+            buffer,
+            views,
+            staged,
         )
         chunk = kernels.chunk_numel(device)
         # Small tensors are gathered with torch.cat, which needs sources on the average's device.
@@ -334,6 +373,8 @@ class _Averager:
         """Match ``model``'s tensors to ours by normalised name; raise naming the first mismatch."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self._owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+        distributed.check_model(self._owner, model)
+        distributed.reshard(model)
         slots, _ = model_slots(model)
         missing = [n for n in self._slots if n not in slots]
         if missing:
@@ -347,25 +388,32 @@ class _Averager:
                 f"{self._owner}: the model has a tensor {unexpected[0]!r} that this average "
                 f"does not track ({len(unexpected)} unexpected names)"
             )
-        sources = []
+        sources, locals_ = [], []
         for group in self._groups:
-            row = []
-            for name, shape in zip(group.names, group.shapes):
-                self._check_slot(slots[name], shape, group.source_dtype, group.source_device)
+            row, parts = [], []
+            for i, name in enumerate(group.names):
+                parts.append(self._check_slot(slots[name], group, i))
                 row.append((slots[name].table, slots[name].attr))
             sources.append(row)
+            locals_.append(parts)
         copies = []
         for name, stored in self._copies.items():
-            self._check_slot(slots[name], stored.shape, stored.dtype, None)
+            t = slots[name].get()
+            if type(t.detach()) is not Tensor or t.shape != stored.shape or t.dtype != stored.dtype:
+                raise ValueError(
+                    f"{self._owner}: buffer {name!r} is a {type(t).__name__} of shape {tuple(t.shape)} and dtype "
+                    f"{t.dtype} in the model, expected a tensor of shape {tuple(stored.shape)} and dtype {stored.dtype}"
+                )
             copies.append((slots[name].table, slots[name].attr))
         big, small_flat, all_ptrs = [], [], []
-        for group, row in zip(self._groups, sources):
-            big.append([row[i] for i in group.big])
-            small_flat.append([kernels.flat_view(row[i][0][row[i][1]].detach()) for i in group.small])
-            all_ptrs.append([tbl[a].data_ptr() for tbl, a in row])
+        for group, row, parts in zip(self._groups, sources, locals_):
+            big.append([parts[i] for i in group.big])
+            small_flat.append([kernels.flat_view(parts[i]) for i in group.small])
+            pointer = distributed.POINTER[group.kind]
+            all_ptrs.append([pointer(tbl[a]) for tbl, a in row])
         regions, ptrs = [], []
-        for group, row in zip(self._groups, sources):
-            region = _flat_region([tbl[a] for tbl, a in row], group)
+        for group, row, parts in zip(self._groups, sources, locals_):
+            region = _flat_region(parts, group) if group.kind == "local" else None
             regions.append(region)
             if region is None:
                 ptrs.append(None)
@@ -379,21 +427,42 @@ class _Averager:
                         self._scratch_for(group.dtype, group.device, min(chunk, group.numel)) if group.staged else None,
                         chunk,
                     )
-        return _Binding(sources, big, small_flat, all_ptrs, copies, regions, ptrs)
+        return _Binding(sources, locals_, big, small_flat, all_ptrs, copies, regions, ptrs)
 
-    def _check_slot(self, slot: Slot, shape: torch.Size, dtype: torch.dtype, device: torch.device | None) -> None:
+    def _check_slot(self, slot: Slot, group: _Group, i: int) -> Tensor:
+        """Check the model's tensor against what was averaged; return the part this rank averages."""
         t = slot.get()
-        if t.shape != shape:
+        layout = group.layouts[i]
+        kind = distributed.classify(t, self._rows_mesh)[0]
+        if kind != group.kind:
             raise ValueError(
-                f"{self._owner}: tensor {slot.name!r} has shape {tuple(t.shape)} in the model, expected {tuple(shape)}"
+                f"{self._owner}: tensor {slot.name!r} is held as {kind!r} in the model, but the average was "
+                f"built on a {group.kind!r} one (see emakit.distributed); build the average on the model as "
+                f"it is trained"
             )
-        if t.dtype != dtype:
+        shape = layout.model_shape if layout is not None else group.shapes[i]
+        model_shape = torch.Size(t.ds_shape) if kind == "zero3" else t.shape
+        if model_shape != shape:
+            raise ValueError(
+                f"{self._owner}: tensor {slot.name!r} has shape {tuple(model_shape)} in the model, expected {tuple(shape)}"
+            )
+        if t.dtype != group.source_dtype:
             raise ValueError(
                 f"{self._owner}: tensor {slot.name!r} has dtype {t.dtype} in the model, expected "
-                f"{dtype} (the dtype it had when the average was created)"
+                f"{group.source_dtype} (the dtype it had when the average was created)"
             )
-        if device is not None and t.device != device:
-            raise ValueError(f"{self._owner}: tensor {slot.name!r} is on {t.device} in the model, expected {device}")
+        local = distributed.rebind_local(kind, t, layout)
+        if local.shape != group.shapes[i]:
+            raise ValueError(
+                f"{self._owner}: this rank holds a part of shape {tuple(local.shape)} of tensor {slot.name!r}, "
+                f"expected {tuple(group.shapes[i])}: the model is sharded differently than when the average "
+                f"was created (load a checkpoint into a new average to change the sharding)"
+            )
+        if local.device != group.source_device:
+            raise ValueError(
+                f"{self._owner}: tensor {slot.name!r} is on {local.device} in the model, expected {group.source_device}"
+            )
+        return local
 
     def _fresh_binding(self, model: nn.Module | None) -> _Binding:
         """The binding, re-checked cheaply; rebuilt (and so re-validated) when the model's tensors
@@ -408,13 +477,18 @@ class _Averager:
     def _still_valid(self, binding: _Binding) -> bool:
         for g, (group, row) in enumerate(zip(self._groups, binding.sources)):
             t = row[0][0][row[0][1]]
-            if t.dtype != group.source_dtype or t.device != group.source_device:
+            if t.dtype != group.source_dtype:
                 return False
             if binding.regions[g] is not None:
-                if _end_ptrs(row) != binding.region_ptrs[g]:
+                if t.device != group.source_device or _end_ptrs(row) != binding.region_ptrs[g]:
                     return False
-            elif [tbl[a].data_ptr() for tbl, a in row] != binding.ptrs[g]:
-                return False  # re-allocated: shapes may differ, and the gathered views are stale
+                continue
+            pointer = distributed.POINTER[group.kind]
+            try:
+                if [pointer(tbl[a]) for tbl, a in row] != binding.ptrs[g]:
+                    return False  # re-allocated: shapes may differ, and the gathered views are stale
+            except AttributeError:
+                return False  # not held as when bound (an FSDP2 root left unsharded by a no_grad forward)
         return True
 
     # ------------------------------------------------------------------ the update
@@ -429,8 +503,7 @@ class _Averager:
     @staticmethod
     def _all_finite(binding: _Binding) -> bool:
         norms: dict[torch.device, list[Tensor]] = {}
-        for row in binding.sources:
-            tensors = [tbl[a] for tbl, a in row]
+        for tensors in binding.locals:
             if tensors:
                 norms.setdefault(tensors[0].device, []).extend(torch._foreach_norm(tensors, float("inf")))
         # One host synchronisation per device, only when the non-finite guard is on.
@@ -449,7 +522,7 @@ class _Averager:
                     kernels.multi_lerp_(layout.pieces, [region], layout.batches, coefficients, layout.scratch)
                 continue
             if group.big:
-                sources = [tbl[a] for tbl, a in binding.big[g]]
+                sources = binding.big[g]
                 if group.layout is None:
                     kernels.lerp_(group.big_views, sources, coefficients[0])
                 else:
@@ -469,37 +542,88 @@ class _Averager:
     # ------------------------------------------------------------------ reading the averages
 
     def _average_tensors(self, k: int) -> Iterator[tuple[str, Tensor, _Group, int]]:
+        """Profile ``k``'s averages as stored: this rank's local parts."""
         for group in self._groups:
             for i, name in enumerate(group.names):
                 yield name, group.views[k][i], group, i
 
-    def _averaged_state_dict(self, k: int, dtype: str) -> dict[str, Tensor]:
+    def _state_tensors(self, k: int) -> dict[str, Tensor]:
+        """Profile ``k``'s averages with their global layout: DTensors where sharded (sharing memory)."""
+        out = {}
+        for name, view, group, i in self._average_tensors(k):
+            layout = group.layouts[i]
+            out[name] = view if layout is None else layout.wrap(view)
+        return out
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether some average is split across ranks (FSDP2, ZeRO-3, or ``shard=True``)."""
+        return any(g.kind != "local" for g in self._groups)
+
+    def _averaged_state_dict(self, k: int, dtype: str, full: bool = False) -> dict[str, Tensor]:
         if dtype not in ("model", "average"):
             raise ValueError(f"{self._owner}.averaged_state_dict: dtype must be 'model' or 'average', got {dtype!r}")
+        if not isinstance(full, bool):
+            raise TypeError(f"{self._owner}.averaged_state_dict: full must be a bool, got full={full!r}")
         values: dict[str, Any] = {}
-        for name, view, group, _ in self._average_tensors(k):
-            values[name] = view.to(group.source_dtype) if dtype == "model" else view
+        for name, view, group, i in self._average_tensors(k):
+            local = view.to(group.source_dtype) if dtype == "model" else view
+            layout = group.layouts[i]
+            values[name] = local if layout is None else layout.wrap(local)
         values.update(self._copies)
+        distributed.reshard(self._model)
         out: dict[str, Any] = {}
         for raw, value in self._model.state_dict().items():
             name = normalize_name(raw)
             primary = self._aliases.get(name, name)
             out[name] = values.get(primary, value)
+        if full:
+            flat = self._flat_names()
+            full_sd = distributed.gather_full(out)
+            for name, value in full_sd.items():
+                shape = flat.get(self._aliases.get(name, name))
+                if shape is not None:
+                    full_sd[name] = value.view(shape)
+            return full_sd
         return out
+
+    def _model_shapes(self) -> dict[str, torch.Size]:
+        """The model's shape of every averaged tensor."""
+        return {
+            n: (lay.model_shape if lay is not None else shape)
+            for g in self._groups
+            for n, lay, shape in zip(g.names, g.layouts, g.shapes)
+        }
+
+    def _flat_names(self) -> dict[str, torch.Size]:
+        """Averages stored flattened (DeepSpeed ZeRO-3), with the model's shape for each."""
+        return {
+            n: lay.model_shape
+            for g in self._groups
+            for n, lay in zip(g.names, g.layouts)
+            if lay is not None and lay.shape != lay.model_shape
+        }
+
+    def _swap_pairs(self, binding: _Binding) -> list[tuple[Tensor, _Group, int]]:
+        pairs = []
+        for g, (group, row) in enumerate(zip(self._groups, binding.sources)):
+            for i, (tbl, attr) in enumerate(row):
+                pairs.append((distributed.swap_target(group.kind, tbl[attr], binding.locals[g][i]), group, i))
+        return pairs
 
     @torch.no_grad()
     def _copy_into(self, binding: _Binding, k: int) -> None:
-        for group, row in zip(self._groups, binding.sources):
-            for (tbl, attr), view in zip(row, group.views[k]):
-                tbl[attr].copy_(view)
+        for target, group, i in self._swap_pairs(binding):
+            target.copy_(distributed.swap_value(group.kind, group.views[k][i], group.layouts[i]))
         for (tbl, attr), stored in zip(binding.copies, self._copies.values()):
             tbl[attr].copy_(stored)
 
     @contextlib.contextmanager
     def _swap(self, model: nn.Module | None, k: int, backup_device: torch.device | str | None) -> Iterator[None]:
         self._assert_not_swapped("swapped")
+        target_model = self._model if model is None else model
         binding = self._fresh_binding(model)
-        targets = [tbl[a] for row in binding.sources for tbl, a in row] + [tbl[a] for tbl, a in binding.copies]
+        targets = [t for t, _, _ in self._swap_pairs(binding)] + [tbl[a] for tbl, a in binding.copies]
         with torch.no_grad():
             backup = [t.detach().to(backup_device or t.device, copy=True) for t in targets]
             self._copy_into(binding, k)
@@ -508,6 +632,8 @@ class _Averager:
             yield
         finally:
             self._swapped = False
+            # FSDP2: a no_grad forward inside left the root unsharded, holding the averages.
+            distributed.reshard(target_model)
             with torch.no_grad():
                 for t, saved in zip(targets, backup):
                     t.copy_(saved)
@@ -547,7 +673,7 @@ class _Averager:
             "num_updates": self.num_updates,
             "num_skipped": self.num_skipped,
             "config": self._config(),
-            "averages": [{n: v for n, v, _, _ in self._average_tensors(k)} for k in range(self._num_profiles)],
+            "averages": [self._state_tensors(k) for k in range(self._num_profiles)],
             "copies": dict(self._copies),
         }
 
@@ -561,6 +687,24 @@ class _Averager:
         """
         where = f"{self._owner}.load_state_dict"
         self._assert_not_swapped("load_state_dict")
+        t, counts = self._check_header(where, state_dict)
+        averages = state_dict.get("averages")
+        if not isinstance(averages, (list, tuple)) or len(averages) != self._num_profiles:
+            raise ValueError(
+                f"{where}: 'averages' must be a list of {self._num_profiles} name -> tensor mappings "
+                f"(one per profile), got {type(averages).__name__}"
+                f"{f' of {len(averages)}' if isinstance(averages, (list, tuple)) else ''}"
+            )
+        for profile in averages:
+            self._check_tensor_state(where, profile, state_dict.get("copies"))
+        for k, profile in enumerate(averages):
+            self._load_tensors(where, k, profile, state_dict["copies"])
+        self.t = t
+        self.num_updates = counts["num_updates"]
+        self.num_skipped = counts["num_skipped"]
+
+    def _check_header(self, where: str, state_dict: Mapping[str, Any]) -> tuple[float, dict[str, int]]:
+        """Check everything but the tensors; returns ``(t, counters)``."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"{where}: expected a mapping, got {type(state_dict).__name__}")
         if state_dict.get("format") != self._format:
@@ -581,29 +725,68 @@ class _Averager:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{where}: {key} must be an int >= 0, got {key}={value!r}")
             counts[key] = value
-        averages = state_dict.get("averages")
-        if not isinstance(averages, (list, tuple)) or len(averages) != self._num_profiles:
-            raise ValueError(
-                f"{where}: 'averages' must be a list of {self._num_profiles} name -> tensor mappings "
-                f"(one per profile), got {type(averages).__name__}"
-                f"{f' of {len(averages)}' if isinstance(averages, (list, tuple)) else ''}"
-            )
         stored = state_dict.get("config", {})
         if not isinstance(stored, Mapping):
             raise ValueError(f"{where}: 'config' must be a mapping, got {type(stored).__name__}")
         self._check_config(where, stored)
-        for profile in averages:
-            self._check_tensor_state(where, profile, state_dict.get("copies"))
-        for k, profile in enumerate(averages):
-            self._load_tensors(where, k, profile, state_dict["copies"])
-        self.t = t
-        self.num_updates = counts["num_updates"]
-        self.num_skipped = counts["num_skipped"]
+        return t, counts
+
+    # ------------------------------------------------------------------ saving itself (DCP)
+
+    _HEADER = ("format", "version", "t", "num_updates", "num_skipped")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save this average as a ``torch.distributed.checkpoint`` directory at ``path``.
+
+        Works in one process and in a distributed run, where it is collective: call it on
+        every rank with the same path; each rank writes only the parts it holds (nothing is
+        gathered). Written under a hidden name and renamed when complete; an existing path
+        is never replaced. Resume with :meth:`load`, on any number of ranks. To save the
+        average inside your own checkpoint instead, put the object in the dict given to
+        ``dcp.save`` (it is a DCP ``Stateful``).
+        """
+        self._assert_not_swapped("save")
+        return distributed.dcp_save_atomic(f"{self._owner}.save", self.state_dict(), Path(path))
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume from a :meth:`save` directory, written by any number of ranks (resharded on load).
+
+        Collective in a distributed run. Format, settings, names and shapes are checked
+        against the checkpoint's metadata before any tensor is read; then each rank reads
+        its own parts straight into the averages. DCP metadata is pickled: load only
+        checkpoints you trust.
+        """
+        where = f"{self._owner}.load"
+        self._assert_not_swapped("load")
+        path = Path(path)
+        meta = distributed.dcp_metadata(where, path).state_dict_metadata
+        # The small entries first: format, version, time, counters, settings.
+        keys = [k for k in meta if k in self._HEADER or k.startswith("config.")]
+        small: dict[str, Any] = dict.fromkeys(keys)
+        distributed.dcp_load(small, path, flatten=False)
+        header = {k: v for k, v in small.items() if not k.startswith("config.")}
+        header["config"] = {k.removeprefix("config."): v for k, v in small.items() if k.startswith("config.")}
+        self._check_header(where, header)
+        state = self.state_dict()
+        tensors = {f"averages.{k}.{n}": v for k, profile in enumerate(state["averages"]) for n, v in profile.items()}
+        tensors.update({f"copies.{n}": v for n, v in state["copies"].items()})
+        for key, tensor in tensors.items():
+            size = getattr(meta.get(key), "size", None)
+            if size is None:
+                raise KeyError(f"{where}: {path} holds no tensor {key!r}; it was saved from another model or average")
+            if tuple(size) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{where}: {path} holds {key!r} with shape {tuple(size)}, expected {tuple(tensor.shape)}"
+                )
+        # Each rank reads its own parts straight into the averages (they share memory with ``state``).
+        distributed.dcp_load(state, path)
+        self.load_state_dict({**state, **header})
 
     def _check_tensor_state(self, where: str, averages: Mapping[str, Any], copies: Mapping[str, Any]) -> None:
         """Raise naming the first key whose presence, type or shape does not match."""
+        flat = self._flat_names()
         for label, given, expected in (
-            ("averages", averages, {n: v for n, v, _, _ in self._average_tensors(0)}),
+            ("averages", averages, self._state_tensors(0)),
             ("copies", copies, self._copies),
         ):
             if not isinstance(given, Mapping):
@@ -618,7 +801,7 @@ class _Averager:
                     )
                 if not isinstance(value, Tensor):
                     raise TypeError(f"{where}: {label}[{name!r}] must be a tensor, got {type(value).__name__}")
-                if value.shape != expected[name].shape:
+                if value.shape != expected[name].shape and value.shape != flat.get(name):
                     raise ValueError(
                         f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
                         f"{tuple(expected[name].shape)}"
@@ -635,10 +818,18 @@ class _Averager:
                 f"dtype; its precision is unchanged",
                 stacklevel=3,
             )
-        for name, view, _, _ in self._average_tensors(k):
-            view.copy_(averages[name])
+        for name, view, group, i in self._average_tensors(k):
+            value = averages[name]
+            layout = group.layouts[i]
+            if layout is not None:
+                value = layout.local_of(value)  # this rank's part (resharded if saved otherwise)
+            elif distributed.is_dtensor(value):
+                value = value.full_tensor()
+            if value.data_ptr() != view.data_ptr() or value.stride() != view.stride():
+                view.copy_(value)  # (DCP loads in place: then the value *is* the view)
         for name, stored in self._copies.items():
-            stored.copy_(copies[name])
+            value = copies[name]
+            stored.copy_(value.full_tensor() if distributed.is_dtensor(value) else value)
 
 
 def next_time(owner: str, now: float, t: float | None, dt: float | None) -> tuple[float, float]:

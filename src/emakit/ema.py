@@ -43,6 +43,13 @@ class EMA(_Averager):
         device: device of the averages (default: the weights' device).
         skip_nonfinite: skip an update (with a warning) when the model holds NaN or Inf.
             Costs one host synchronisation per update.
+        shard: ``True`` (or a 1-D ``DeviceMesh``) splits the average of a replicated (DDP)
+            model across the ranks: each keeps ``1/N`` of it, as DTensors sharded like FSDP2
+            would. Sharded models (FSDP2, ZeRO-3) are always averaged shard by shard.
+
+    Distributed training: built on an FSDP2 / tensor-parallel model, each rank averages its
+    own shards (no communication per update) and the averages are DTensors with the
+    parameters' layout; see ``docs/distributed.md`` for DDP, FSDP2 and DeepSpeed.
 
     Example::
 
@@ -67,6 +74,7 @@ class EMA(_Averager):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        shard: Any = False,
     ) -> None:
         if decay is not None and schedule is not None:
             raise ValueError(f"EMA: give decay or schedule, not both; got decay={decay}, schedule={schedule!r}")
@@ -84,6 +92,7 @@ class EMA(_Averager):
             dtype=dtype,
             device=device,
             skip_nonfinite=skip_nonfinite,
+            shard=shard,
         )
 
     @property
@@ -113,7 +122,7 @@ class EMA(_Averager):
 
     # ------------------------------------------------------------------ using the average
 
-    def averaged_state_dict(self, *, dtype: str = "model") -> dict[str, Tensor]:
+    def averaged_state_dict(self, *, dtype: str = "model", full: bool = False) -> dict[str, Tensor]:
         """The model's full state dict with the averaged values (keys of the plain model).
 
         Averaged and copied tensors come from the EMA, frozen/excluded ones from the model.
@@ -121,8 +130,13 @@ class EMA(_Averager):
         ``model.load_state_dict``; ``dtype="average"`` keeps the EMA's precision. Tensors
         that need no cast share memory with the EMA: clone them to keep them past the next
         update.
+
+        Sharded averages come as DTensors (this rank's shards, ready for ``dcp.save`` or an
+        FSDP2 model's ``load_state_dict``). ``full=True`` gathers plain CPU tensors on rank 0
+        (an empty dict on the other ranks), one tensor at a time: collective, call it on
+        every rank; no rank ever holds more than one full tensor besides rank 0's result.
         """
-        return self._averaged_state_dict(0, dtype)
+        return self._averaged_state_dict(0, dtype, full)
 
     def swapped(self, model: nn.Module | None = None, *, backup_device: torch.device | str | None = None):
         """Context manager: the model holds the averaged weights inside, its own ones after.

@@ -20,14 +20,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import schedules
-from .snapshots import SnapshotError, SnapshotInfo, read_info, snapshot_paths
+from .snapshots import SnapshotError, SnapshotInfo, open_tensors, read_info, snapshot_paths
 
 __all__ = [
     "FIT_ERROR_WARN",
@@ -304,6 +304,7 @@ def reconstruct(
     t: float | None = None,
     dtype: torch.dtype | str = "model",
     progress: bool = True,
+    like: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     """Rebuild the EMA of the requested length from a snapshot directory (or a list of snapshots).
 
@@ -313,6 +314,12 @@ def reconstruct(
     tensors (``num_batches_tracked``) and stored static ones come from the latest snapshot
     used. ``dtype="model"`` casts to the model's dtypes, ``"float32"`` or a torch dtype to
     that. A progress bar shows when tqdm is installed and ``progress`` is on.
+
+    Snapshots written by several ranks (``phema-*.dcp``) are read in one process, no
+    process group needed. ``like=`` a sharded state dict (e.g. ``model.state_dict()`` of the
+    FSDP2 model, or a PowerEMA's ``averaged_state_dict()``) reconstructs in a distributed
+    run instead: collective, each rank reads only the shards its DTensors hold and gets
+    DTensors back (ready for ``dcp.save`` or ``model.load_state_dict``).
 
         sds = reconstruct("run/phema", sigma_rel=[0.05, 0.10, 0.15])
     """
@@ -328,32 +335,42 @@ def reconstruct(
     # Accumulate in fp32 at least (snapshots may be fp16/bf16), cast at the end.
     acc_dtype = torch.promote_types(torch.float32, latest.dtype)
     sums: list[dict[str, Tensor]] = [{} for _ in solutions]
-    _, safe_open = _safetensors_open()
+    if like is not None:
+        from .distributed import ShardReader
+
+        reader_for = ShardReader.factory(like, latest)
+    else:
+        reader_for = open_tensors
     bar = _progress(len(used) * len(latest.averaged) * max(s.num_profiles for s in used), progress)
     try:
         for i, info in enumerate(used):
+            order = [f"avg.{j}/{name}" for j in range(info.num_profiles) for name in info.averaged]
+            reader = reader_for(info, order)
             try:
-                with safe_open(str(info.path), framework="pt") as f:
-                    for j in range(info.num_profiles):
-                        for name in info.averaged:
-                            x = f.get_tensor(f"avg.{j}/{name}").to(acc_dtype)
-                            for sol, acc in zip(solutions, sums):
-                                w = sol.weights[i][j]
-                                if name in acc:
-                                    acc[name].add_(x, alpha=w)
-                                else:
-                                    acc[name] = x * w
-                            bar.update(1)
+                for key in order:
+                    j, name = int(key[4 : key.index("/")]), key[key.index("/") + 1 :]
+                    x = reader.get(key).to(acc_dtype)
+                    for sol, acc in zip(solutions, sums):
+                        w = sol.weights[i][j]
+                        if name in acc:
+                            acc[name].add_(x, alpha=w)
+                        else:
+                            acc[name] = x * w
+                    bar.update(1)
             except Exception as e:
                 raise SnapshotError(
                     f"{info.path}: could not read the snapshot data (truncated or corrupted?): {e}"
-                ) from None
+                ) from e
+            finally:
+                reader.close()
         extras: dict[str, Tensor] = {}
-        with safe_open(str(latest.path), framework="pt") as f:
-            for name in latest.copied:
-                extras[name] = f.get_tensor(f"copy/{name}")
-            for name in latest.static:
-                extras[name] = f.get_tensor(f"static/{name}")
+        order = [f"copy/{n}" for n in latest.copied] + [f"static/{n}" for n in latest.static]
+        reader = reader_for(latest, order)
+        try:
+            for key in order:
+                extras[key.split("/", 1)[1]] = reader.get(key)
+        finally:
+            reader.close()
     finally:
         bar.close()
     results = []
@@ -363,6 +380,10 @@ def reconstruct(
             target = latest.model_dtypes.get(name, torch.float32) if out_dtype is None else out_dtype
             values[name] = v.to(target)
         values.update(extras)
+        if like is not None:
+            from .distributed import wrap_like
+
+            values = wrap_like(like, values)
         ordered = {}
         for key in latest.keys:
             primary = latest.aliases.get(key, key)
@@ -383,12 +404,6 @@ def _out_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     raise ValueError(f"dtype must be 'model' or a floating torch.dtype, got {dtype!r}")
-
-
-def _safetensors_open():
-    from .snapshots import _safetensors
-
-    return _safetensors()
 
 
 class _NoBar:

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import schedules, snapshots
+from . import distributed, schedules, snapshots
 from ._averager import _Averager
+from ._model import normalize_name
 
 __all__ = ["PowerEMA"]
 
@@ -38,7 +39,7 @@ class PowerEMA(_Averager):
         sigma_rels: relative widths of the tracked profiles, each in ``(0, 0.2887)``;
             default ``(0.05, 0.10)``. Give this or ``gammas``.
         gammas: the profiles' exponents instead (each ``> -1``).
-        buffers, include, dtype, device, skip_nonfinite: as in :class:`emakit.EMA`.
+        buffers, include, dtype, device, skip_nonfinite, shard: as in :class:`emakit.EMA`.
 
     Example::
 
@@ -64,6 +65,7 @@ class PowerEMA(_Averager):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        shard: Any = False,
     ) -> None:
         if sigma_rels is not None and gammas is not None:
             raise ValueError(
@@ -83,7 +85,14 @@ class PowerEMA(_Averager):
         if len({p.gamma for p in profiles}) != len(profiles):
             raise ValueError(f"PowerEMA: {label} must be distinct, got {label}={list(values)}")
         super().__init__(
-            model, profiles, buffers=buffers, include=include, dtype=dtype, device=device, skip_nonfinite=skip_nonfinite
+            model,
+            profiles,
+            buffers=buffers,
+            include=include,
+            dtype=dtype,
+            device=device,
+            skip_nonfinite=skip_nonfinite,
+            shard=shard,
         )
 
     @property
@@ -130,9 +139,11 @@ class PowerEMA(_Averager):
             f"emakit.posthoc.reconstruct on saved snapshots"
         )
 
-    def averaged_state_dict(self, sigma_rel: float | None = None, *, dtype: str = "model") -> dict[str, Tensor]:
+    def averaged_state_dict(
+        self, sigma_rel: float | None = None, *, dtype: str = "model", full: bool = False
+    ) -> dict[str, Tensor]:
         """The model's state dict with profile ``sigma_rel``'s averages (see :meth:`emakit.EMA.averaged_state_dict`)."""
-        return self._averaged_state_dict(self._index("averaged_state_dict", sigma_rel), dtype)
+        return self._averaged_state_dict(self._index("averaged_state_dict", sigma_rel), dtype, full)
 
     def swapped(
         self,
@@ -179,6 +190,11 @@ class PowerEMA(_Averager):
         returns complete state dicts; pass ``False`` for a large frozen backbone. Needs the
         ``safetensors`` extra. Nothing is saved at ``t = 0`` (that average is the initial
         model and carries no information for reconstruction).
+
+        Distributed runs: with sharded averages (FSDP2, ZeRO-3, ``shard=True``) this is
+        collective and writes ``<directory>/phema-<t>.dcp``, each rank its own shards
+        (nothing gathered); replicated ones (DDP) are written by rank 0 alone, whichever
+        ranks call it. Both kinds reconstruct alike (:func:`emakit.posthoc.reconstruct`).
         """
         self._assert_not_swapped("save_snapshot")
         if dtype not in _SNAPSHOT_DTYPES:
@@ -191,19 +207,18 @@ class PowerEMA(_Averager):
                 f"error (the solve combines snapshots with large coefficients); float32 is the default",
                 stacklevel=2,
             )
-        keys = list(self._averaged_state_dict(0, "average"))  # the model's keys, in order
+        distributed.reshard(self._model)
+        keys = [normalize_name(k) for k in self._model.state_dict()]  # the model's keys, in order
         live = {}
         if static and self._spec.live:
             slots = self._slots
             live = {n: slots[n].get() for n in self._spec.live}
         model_dtypes = {n: g.source_dtype for g in self._groups for n in g.names}
-        return snapshots.write_snapshot(
-            directory,
+        common = dict(
             t=self.t,
             num_updates=self.num_updates,
             sigma_rels=list(self.sigma_rels),
             gammas=list(self.gammas),
-            averages=[{n: v for n, v, _, _ in self._average_tensors(k)} for k in range(self._num_profiles)],
             copies=dict(self._copies),
             static=live,
             model_dtypes=model_dtypes,
@@ -211,3 +226,17 @@ class PowerEMA(_Averager):
             keys=keys,
             aliases=dict(self._aliases),
         )
+        if self.is_sharded or any(distributed.is_dtensor(v) for v in live.values()):
+            # Collective: each rank writes its own shards, nothing is gathered.
+            averages = [
+                {n: v.to(dtype) if v.dtype != dtype else v for n, v in self._state_tensors(k).items()}
+                for k in range(self._num_profiles)
+            ]
+            shapes = {n: tuple(s) for n, s in self._model_shapes().items()}
+            shapes.update({n: tuple(v.shape) for n, v in {**self._copies, **live}.items()})
+            return snapshots.write_sharded_snapshot(directory, averages=averages, model_shapes=shapes, **common)
+        averages = [{n: v for n, v, _, _ in self._average_tensors(k)} for k in range(self._num_profiles)]
+        if distributed.rank() != 0:
+            # Replicated (DDP): every rank holds the same averages; rank 0 writes them.
+            return Path(directory) / snapshots.file_name(self.t)
+        return snapshots.write_snapshot(directory, averages=averages, **common)

@@ -12,6 +12,12 @@ object or the list of profiles that wrote it. Tensor keys:
 
 Files are written to a hidden temporary name in the same directory and renamed into place,
 so a crash never leaves a file that is listed as a snapshot.
+
+A sharded run (FSDP2, DeepSpeed ZeRO-3, ``shard=True``) writes ``phema-<t>.dcp``, a
+``torch.distributed.checkpoint`` directory where each rank wrote only its own shards, with
+the same keys and an ``emakit.json`` holding the same metadata. Both kinds are listed,
+read and reconstructed alike; :func:`export` turns a DCP snapshot into the single-file
+form, which has a stable format (DCP promises none across torch versions).
 """
 
 from __future__ import annotations
@@ -29,11 +35,24 @@ from torch import Tensor
 
 from ._atomic import write_then_rename
 
-__all__ = ["FORMAT", "VERSION", "SnapshotError", "SnapshotInfo", "read_info", "snapshot_paths", "write_snapshot"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "SnapshotError",
+    "SnapshotInfo",
+    "export",
+    "open_tensors",
+    "read_info",
+    "snapshot_paths",
+    "write_sharded_snapshot",
+    "write_snapshot",
+]
 
 FORMAT = "emakit.phema"
 VERSION = 1
 _PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.safetensors$")
+_DCP_PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.dcp$")
+_DCP_INFO = "emakit.json"
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
@@ -89,10 +108,57 @@ class SnapshotInfo:
     keys: tuple[str, ...]  # the model's state-dict keys, in order
     aliases: Mapping[str, str]  # key -> stored name, for tied tensors
     nbytes: int
+    sharded: bool = False  # a DCP directory written by several ranks
+    flat: tuple[str, ...] = ()  # names stored flattened (DeepSpeed ZeRO-3), reshaped on reading
 
     @property
     def num_profiles(self) -> int:
         return len(self.gammas)
+
+
+def _metadata(
+    *,
+    t: float,
+    num_updates: int,
+    sigma_rels: list[float],
+    gammas: list[float],
+    averaged: list[str],
+    copied: list[str],
+    static: list[str],
+    model_dtypes: dict[str, torch.dtype],
+    dtype: torch.dtype,
+    keys: list[str],
+    aliases: dict[str, str],
+) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "t": repr(t),
+        "num_updates": str(num_updates),
+        "sigma_rels": json.dumps([float(s) for s in sigma_rels]),
+        "gammas": json.dumps([float(g) for g in gammas]),
+        "dtype": dtype_name(dtype),
+        "averaged": json.dumps(averaged),
+        "copied": json.dumps(copied),
+        "static": json.dumps(static),
+        "model_dtypes": json.dumps({n: dtype_name(d) for n, d in model_dtypes.items()}),
+        "keys": json.dumps(keys),
+        "aliases": json.dumps(aliases),
+    }
+
+
+def file_name(t: float, suffix: str = ".safetensors") -> str:
+    """Name of the snapshot at time ``t``."""
+    return f"phema-{time_label(t)}{suffix}"
+
+
+def _final_path(directory: str | os.PathLike, t: float, suffix: str) -> Path:
+    directory = Path(directory)
+    for other in (".safetensors", ".dcp"):
+        path = directory / file_name(t, other)
+        if path.exists():
+            raise FileExistsError(f"save_snapshot: {path} already exists (a snapshot at t={t} was saved before)")
+    return directory / file_name(t, suffix)
 
 
 def write_snapshot(
@@ -112,11 +178,8 @@ def write_snapshot(
 ) -> Path:
     """Write one snapshot atomically; returns its path. Raises if that file already exists."""
     safetensors, _ = _safetensors()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"phema-{time_label(t)}.safetensors"
-    if final.exists():
-        raise FileExistsError(f"save_snapshot: {final} already exists (a snapshot at t={t} was saved before)")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    final = _final_path(directory, t, ".safetensors")
     tensors: dict[str, Tensor] = {}
 
     def own(v: Tensor, to: torch.dtype | None = None) -> Tensor:
@@ -130,37 +193,98 @@ def write_snapshot(
         tensors[f"copy/{name}"] = own(v)
     for name, v in static.items():
         tensors[f"static/{name}"] = own(v)
-    metadata = {
-        "format": FORMAT,
-        "version": str(VERSION),
-        "t": repr(t),
-        "num_updates": str(num_updates),
-        "sigma_rels": json.dumps([float(s) for s in sigma_rels]),
-        "gammas": json.dumps([float(g) for g in gammas]),
-        "dtype": dtype_name(dtype),
-        "averaged": json.dumps(list(averages[0]) if averages else []),
-        "copied": json.dumps(list(copies)),
-        "static": json.dumps(list(static)),
-        "model_dtypes": json.dumps({n: dtype_name(d) for n, d in model_dtypes.items()}),
-        "keys": json.dumps(keys),
-        "aliases": json.dumps(aliases),
-    }
+    metadata = _metadata(
+        t=t,
+        num_updates=num_updates,
+        sigma_rels=sigma_rels,
+        gammas=gammas,
+        averaged=list(averages[0]) if averages else [],
+        copied=list(copies),
+        static=list(static),
+        model_dtypes=model_dtypes,
+        dtype=dtype,
+        keys=keys,
+        aliases=aliases,
+    )
     write_then_rename([(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))])
     return final
 
 
+def write_sharded_snapshot(
+    directory: str | os.PathLike,
+    *,
+    t: float,
+    num_updates: int,
+    sigma_rels: list[float],
+    gammas: list[float],
+    averages: list[dict[str, Tensor]],
+    copies: dict[str, Tensor],
+    static: dict[str, Tensor],
+    model_dtypes: dict[str, torch.dtype],
+    dtype: torch.dtype,
+    keys: list[str],
+    aliases: dict[str, str],
+    model_shapes: dict[str, tuple[int, ...]],
+) -> Path:
+    """Write one snapshot as a DCP directory, each rank its own shards (collective).
+
+    ``averages`` hold DTensors (or plain replicated tensors, written once) already in
+    ``dtype``. ``model_shapes`` gives the model's shape of every tensor (a flattened ZeRO-3
+    average is stored 1-D and reshaped on reading).
+    """
+    from . import distributed
+
+    final = _final_path(directory, t, ".dcp")
+    state: dict[str, Tensor] = {}
+    for j, profile in enumerate(averages):
+        for name, v in profile.items():
+            state[f"avg.{j}/{name}"] = v
+    state.update({f"copy/{n}": v for n, v in copies.items()})
+    state.update({f"static/{n}": v for n, v in static.items()})
+    metadata = _metadata(
+        t=t,
+        num_updates=num_updates,
+        sigma_rels=sigma_rels,
+        gammas=gammas,
+        averaged=list(averages[0]) if averages else [],
+        copied=list(copies),
+        static=list(static),
+        model_dtypes=model_dtypes,
+        dtype=dtype,
+        keys=keys,
+        aliases=aliases,
+    )
+    metadata["tensors"] = json.dumps(
+        {
+            key: [dtype_name(v.dtype), list(v.shape), list(model_shapes[key.split("/", 1)[1]])]
+            for key, v in state.items()
+        }
+    )
+
+    def describe(tmp: Path) -> None:
+        (tmp / _DCP_INFO).write_text(json.dumps(metadata, indent=1))
+
+    return distributed.dcp_save_atomic("save_snapshot", state, final, extra=describe)
+
+
 def snapshot_paths(directory: str | os.PathLike) -> list[Path]:
-    """The snapshot files of a directory (``phema-*.safetensors``), by name."""
+    """The snapshots of a directory (``phema-*.safetensors`` files, ``phema-*.dcp`` directories), by name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise SnapshotError(f"{directory}: not a directory")
-    return sorted(p for p in directory.iterdir() if _PATTERN.match(p.name) and p.is_file())
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if (_PATTERN.match(p.name) and p.is_file()) or (_DCP_PATTERN.match(p.name) and p.is_dir())
+    )
 
 
 def read_info(path: str | os.PathLike) -> SnapshotInfo:
     """Read and check a snapshot's header; :class:`SnapshotError` naming the file if it is not valid."""
-    _, safe_open = _safetensors()
     path = Path(path)
+    if path.is_dir():
+        return _read_dcp_info(path)
+    _, safe_open = _safetensors()
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -168,6 +292,30 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     except Exception as e:  # safetensors raises its own types for truncated / malformed files
         raise SnapshotError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+    return _parse_info(path, meta, shapes, path.stat().st_size)
+
+
+def _read_dcp_info(path: Path) -> SnapshotInfo:
+    try:
+        meta = json.loads((path / _DCP_INFO).read_text())
+        tensors = json.loads(meta["tensors"])
+        shapes = {k: tuple(v[2]) for k, v in tensors.items()}
+        flat = tuple(sorted({k.split("/", 1)[1] for k, v in tensors.items() if list(v[1]) != list(v[2])}))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise SnapshotError(
+            f"{path}: not a readable sharded snapshot ({_DCP_INFO} missing or malformed: {e})"
+        ) from None
+    if not (path / ".metadata").is_file():
+        raise SnapshotError(f"{path}: sharded snapshot without DCP .metadata (incomplete copy?)")
+    nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    info = _parse_info(path, meta, shapes, nbytes)
+    return SnapshotInfo(**{**info.__dict__, "sharded": True, "flat": flat})
+
+
+def _parse_info(
+    path: Path, meta: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], nbytes: int
+) -> SnapshotInfo:
+    keys = list(shapes)
     if meta.get("format") != FORMAT:
         raise SnapshotError(f"{path}: not an emakit power-EMA snapshot (format={meta.get('format')!r})")
     try:
@@ -218,5 +366,103 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
         shapes=named_shapes,
         keys=state_keys,
         aliases=aliases,
-        nbytes=path.stat().st_size,
+        nbytes=nbytes,
+    )
+
+
+# --------------------------------------------------------------------------- reading tensors
+
+#: Bytes of tensors read from a sharded snapshot per ``dcp.load`` call (each call re-reads its metadata).
+_DCP_BATCH_BYTES = 64 << 20
+
+
+class _SafetensorsReader:
+    def __init__(self, info: SnapshotInfo) -> None:
+        _, safe_open = _safetensors()
+        self._file = safe_open(str(info.path), framework="pt")
+        self._handle = self._file.__enter__()
+
+    def get(self, key: str) -> Tensor:
+        return self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
+
+
+class _DcpReader:
+    """Reads a sharded snapshot in one process, a batch of upcoming tensors per ``dcp.load``."""
+
+    def __init__(self, info: SnapshotInfo, order: list[str]) -> None:
+        self._info = info
+        self._tensors = json.loads((info.path / _DCP_INFO).read_text())["tensors"]
+        self._order = order
+        self._cache: dict[str, Tensor] = {}
+
+    def _empty(self, key: str) -> Tensor:
+        dtype, shape, _ = self._tensors[key]
+        return torch.empty(shape, dtype=parse_dtype(dtype, str(self._info.path)))
+
+    def get(self, key: str) -> Tensor:
+        from . import distributed
+
+        if key not in self._cache:
+            start = self._order.index(key) if key in self._order else len(self._order)
+            batch, nbytes = {key: self._empty(key)}, 0
+            for other in self._order[start + 1 :]:
+                nbytes += batch[next(reversed(batch))].nbytes
+                if nbytes >= _DCP_BATCH_BYTES:
+                    break
+                batch[other] = self._empty(other)
+            distributed.dcp_load(batch, self._info.path, no_dist=True, flatten=False)
+            self._cache = batch
+        value = self._cache.pop(key)
+        model_shape = self._tensors[key][2]
+        return value.view(model_shape) if list(value.shape) != list(model_shape) else value
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+def open_tensors(info: SnapshotInfo, order: list[str] | None = None):
+    """A reader with ``get(key) -> Tensor`` (model-shaped, on the CPU) and ``close()``.
+
+    ``order`` lists the keys in the order they will be asked for, so a sharded snapshot can
+    read them in batches; reading is streamed: one batch in memory at a time.
+    """
+    if info.sharded:
+        return _DcpReader(info, list(order or []))
+    return _SafetensorsReader(info)
+
+
+def export(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Write a sharded (DCP) snapshot as a single-file ``phema-<t>.safetensors`` in ``directory``.
+
+    Runs in one process without a process group. The file holds the same tensors and
+    metadata as a single-process snapshot, in safetensors' stable format: use it for
+    long-lived storage (DCP promises no format compatibility across torch versions).
+    Memory: the whole snapshot, once.
+    """
+    info = read_info(path)
+    if not info.sharded:
+        raise SnapshotError(f"{info.path}: already a single-file snapshot; nothing to export")
+    order = [f"avg.{j}/{n}" for j in range(info.num_profiles) for n in info.averaged]
+    order += [f"copy/{n}" for n in info.copied] + [f"static/{n}" for n in info.static]
+    reader = open_tensors(info, order)
+    try:
+        tensors = {key: reader.get(key) for key in order}
+    finally:
+        reader.close()
+    return write_snapshot(
+        directory,
+        t=info.t,
+        num_updates=info.num_updates,
+        sigma_rels=list(info.sigma_rels),
+        gammas=list(info.gammas),
+        averages=[{n: tensors[f"avg.{j}/{n}"] for n in info.averaged} for j in range(info.num_profiles)],
+        copies={n: tensors[f"copy/{n}"] for n in info.copied},
+        static={n: tensors[f"static/{n}"] for n in info.static},
+        model_dtypes=dict(info.model_dtypes),
+        dtype=info.dtype,
+        keys=list(info.keys),
+        aliases=dict(info.aliases),
     )
