@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,7 +349,9 @@ def dcp_save_atomic(
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crashed save of the same name
     barrier()
-    dcp.save(state, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # single process: DCP warns that it assumes one; it is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp)
     barrier()
     if rank() == 0:
         if extra is not None:
@@ -378,7 +381,9 @@ def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool = False, flatte
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     planner = DefaultLoadPlanner(flatten_state_dict=flatten, flatten_sharded_tensors=flatten)
-    dcp.load(state, checkpoint_id=str(path), planner=planner, no_dist=no_dist or not _dist_ready())
+    with warnings.catch_warnings():  # DCP warns that a single process is assumed: that is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), planner=planner, no_dist=no_dist or not _dist_ready())
 
 
 # --------------------------------------------------------------------------- post-hoc on shards
@@ -402,6 +407,7 @@ class ShardReader:
         self._like = like
         self._info = info
         self._single = None
+        self._table = None
         if not info.sharded:
             from .snapshots import open_tensors
 
@@ -416,11 +422,11 @@ class ShardReader:
         if self._single is not None:
             full = self._single.get(key)
             return full if layout is None else layout.local_of(full)
-        import json
+        from .snapshots import dcp_tensor_table, parse_dtype
 
-        from .snapshots import _DCP_INFO, parse_dtype
-
-        dtype_name, stored_shape, _ = json.loads((self._info.path / _DCP_INFO).read_text())["tensors"][key]
+        if self._table is None:
+            self._table = dcp_tensor_table(self._info.path)
+        dtype_name, stored_shape, _ = self._table[key]
         dtype = parse_dtype(dtype_name, str(self._info.path))
         if layout is None:
             dest: Tensor = torch.empty(stored_shape, dtype=dtype, device=target.device)

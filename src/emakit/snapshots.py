@@ -376,6 +376,11 @@ def _parse_info(
 _DCP_BATCH_BYTES = 64 << 20
 
 
+def dcp_tensor_table(path: Path) -> dict[str, list]:
+    """``key -> [dtype name, stored shape, model shape]`` of a sharded snapshot."""
+    return json.loads(json.loads((Path(path) / _DCP_INFO).read_text())["tensors"])
+
+
 class _SafetensorsReader:
     def __init__(self, info: SnapshotInfo) -> None:
         _, safe_open = _safetensors()
@@ -394,7 +399,7 @@ class _DcpReader:
 
     def __init__(self, info: SnapshotInfo, order: list[str]) -> None:
         self._info = info
-        self._tensors = json.loads((info.path / _DCP_INFO).read_text())["tensors"]
+        self._tensors = dcp_tensor_table(info.path)
         self._order = order
         self._cache: dict[str, Tensor] = {}
 

@@ -1,0 +1,268 @@
+"""Multi-process scenarios run by tests/test_distributed.py (imported by the worker processes).
+
+Every scenario compares the distributed run against a single-process reference computed
+in the same process on the same global batch, so each rank can check its own shards.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.testing import assert_close
+
+import emakit
+from emakit import posthoc
+
+STEPS = 8
+SNAPSHOT_EVERY = 2
+BATCH = 8  # global batch; each of the ranks takes an equal slice
+
+
+class Net(nn.Module):
+    """Uneven shapes on purpose: over 2 ranks ``out.weight`` (1, 3) leaves rank 1 an empty shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 3)
+        self.out = nn.Linear(3, 1)
+        self.register_buffer("scale", torch.ones(3))  # a float buffer, updated the same way on every rank
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # copied, not averaged
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.scale.mul_(0.9).add_(0.1)
+                self.steps.add_(1)
+        return self.out(torch.tanh(self.inp(x)) * self.scale)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(BATCH, 5, generator=g), torch.randn(BATCH, 1, generator=g)
+
+
+def local(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = t.shape[0] // world
+    return t[rank * n : (rank + 1) * n]
+
+
+def train_step(model, opt, x, y) -> None:
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------- running ranks
+
+
+def run(scenario: str, world: int, tmp: str, timeout: float = 150.0) -> None:
+    """Run ``scenario`` on ``world`` CPU ranks (gloo, file:// rendezvous); raise what a rank raised."""
+    ctx = mp.start_processes(_entry, args=(scenario, world, tmp), nprocs=world, join=False, start_method="spawn")
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    while not ctx.join(timeout=1.0):
+        if datetime.datetime.now() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"distributed scenario {scenario!r} did not finish within {timeout} s")
+
+
+def _entry(rank: int, scenario: str, world: int, tmp: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        globals()[scenario](rank, world, Path(tmp))
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+class _CountCollectives:
+    """Counts process-group collectives issued inside the block (c10d and DTensor's functional ones)."""
+
+    NAMES = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+        "broadcast",
+        "barrier",
+        "all_to_all_single",
+        "send",
+        "recv",
+        "gather",
+        "scatter",
+    )
+
+    def __enter__(self):
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        self.calls = 0
+        self._saved = {n: getattr(dist, n) for n in self.NAMES}
+        for n, fn in self._saved.items():
+            setattr(dist, n, self._counting(fn))
+        self._mode = CommDebugMode()
+        self._mode.__enter__()
+        return self
+
+    def _counting(self, fn):
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for n, fn in self._saved.items():
+            setattr(dist, n, fn)
+        self.calls += self._mode.get_total_counts()
+        return False
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def fsdp2_and_ddp(rank: int, world: int, tmp: Path) -> None:
+    """FSDP2 EMA/PowerEMA == single-process; DDP split == replicated; swap; DCP; snapshots."""
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    ref = Net()
+    init = copy.deepcopy(ref.state_dict())
+    model = Net()
+    model.load_state_dict(init)
+    fully_shard(model.out)
+    fully_shard(model)  # the root keeps ``inp``: it stays unsharded after a no_grad forward
+    ddp_module = Net()
+    ddp_module.load_state_dict(init)
+    ddp = DDP(ddp_module)
+
+    ema, ref_ema = emakit.EMA(model, decay=0.8), emakit.EMA(ref, decay=0.8)
+    pema, ref_pema = (emakit.PowerEMA(m, sigma_rels=(0.05, 0.10)) for m in (model, ref))
+    split, replicated = emakit.EMA(ddp, decay=0.8, shard=True), emakit.EMA(ddp, decay=0.8)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.2) for m in (model, ref, ddp)]
+    snaps, ref_snaps = tmp / "snaps", tmp / "ref_snaps"
+
+    # Each rank stores only its shard: l.weight (3, 5) -> 2 + 1 rows, out.weight (1, 3) -> 1 + 0 rows.
+    avg = ema.state_dict()["averages"][0]
+    assert isinstance(avg["inp.weight"], DTensor) and avg["inp.weight"].placements == (Shard(0),)
+    assert avg["inp.weight"].shape == (3, 5) and avg["inp.weight"].stride() == (5, 1)
+    assert avg["inp.weight"].to_local().shape == ((2, 5) if rank == 0 else (1, 5))
+    assert avg["out.weight"].to_local().shape == ((1, 3) if rank == 0 else (0, 3))
+    assert not isinstance(avg["scale"], DTensor)  # FSDP2 keeps buffers replicated
+    assert sum(g.numel for g in split._groups) < 0.75 * sum(g.numel for g in replicated._groups)
+
+    for step in range(1, STEPS + 1):
+        x, y = batch(step)
+        train_step(model, opts[0], local(x, rank, world), local(y, rank, world))
+        train_step(ref, opts[1], x, y)
+        train_step(ddp, opts[2], local(x, rank, world), local(y, rank, world))
+        with _CountCollectives() as counter:
+            ema.update()
+            pema.update()
+            split.update()
+            replicated.update()
+        assert counter.calls == 0, f"{counter.calls} collectives during the updates"
+        ref_ema.update()
+        ref_pema.update()
+        if step % SNAPSHOT_EVERY == 0:
+            pema.save_snapshot(snaps)  # collective: each rank writes its shards
+            if rank == 0:
+                ref_pema.save_snapshot(ref_snaps)
+
+    # Sharded EMA == single-process EMA: each rank's shards, and the gathered full state dict.
+    expected = ref_ema.averaged_state_dict()
+    for name, value in ema.averaged_state_dict().items():
+        if isinstance(value, DTensor):
+            layout = emakit.distributed.Layout(value.device_mesh, tuple(value.placements), value.shape, (), value.shape)
+            assert_close(value.to_local(), layout.local_of(expected[name]), msg=name)
+        else:
+            assert_close(value, expected[name], msg=name)
+    full = ema.averaged_state_dict(full=True)
+    if rank == 0:
+        assert list(full) == list(expected)
+        for name in expected:
+            assert full[name].device.type == "cpu" and not isinstance(full[name], DTensor)
+            assert_close(full[name], expected[name], msg=name)
+    else:
+        assert full == {}
+    full_p = pema.averaged_state_dict(sigma_rel=0.10, full=True)
+    if rank == 0:
+        for name, value in ref_pema.averaged_state_dict(sigma_rel=0.10).items():
+            assert_close(full_p[name], value, msg=name)
+
+    # DDP split == replicated, exactly (same arithmetic on the same rows).
+    full_split = split.averaged_state_dict(full=True)
+    if rank == 0:
+        for name, value in replicated.averaged_state_dict().items():
+            assert_close(full_split[name], value, rtol=0, atol=0, msg=name)
+    with split.swapped():  # gathers the full average into every replica
+        for name, value in replicated.averaged_state_dict().items():
+            assert_close(ddp.module.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+    # Save/resume with DCP, as the object's own save and as a Stateful in the user's dict.
+    ema.save(tmp / "ema_ckpt")
+    dcp_save({"ema": pema, "model": model.state_dict()}, checkpoint_id=str(tmp / "user_ckpt"))
+    resumed = emakit.EMA(model, decay=0.8)
+    resumed.load(tmp / "ema_ckpt")
+    resumed_p = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
+    dcp_load({"ema": resumed_p}, checkpoint_id=str(tmp / "user_ckpt"))
+    assert resumed.t == ema.t and resumed.num_updates == ema.num_updates and resumed_p.t == pema.t
+    if rank == 0:
+        torch.save({"ema": ref_ema.state_dict(), "t": ref_ema.t}, tmp / "ref_ema.pt")
+
+    # Evaluate with the averages, then keep training: the FSDP2 root must not keep stale weights.
+    x, y = batch(STEPS + 1)
+    with ema.swapped(), torch.no_grad():
+        out = model(local(x, rank, world))
+    with ref_ema.swapped(), torch.no_grad():
+        ref_out = ref(local(x, rank, world))
+    assert_close(out, ref_out)
+    train_step(model, opts[0], local(x, rank, world), local(y, rank, world))
+    train_step(ref, opts[1], x, y)
+    for name, value in model.state_dict().items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        assert_close(value, ref.state_dict()[name], msg=name)
+    # A resumed average continues exactly like the one that never stopped.
+    for avg_ in (ema, resumed, ref_ema, pema, resumed_p):
+        avg_.update()
+    for a, b in ((ema, resumed), (pema, resumed_p)):
+        for pa, pb in zip(a.state_dict()["averages"], b.state_dict()["averages"]):
+            for name in pa:
+                assert_close(
+                    pa[name].to_local() if isinstance(pa[name], DTensor) else pa[name],
+                    pb[name].to_local() if isinstance(pb[name], DTensor) else pb[name],
+                    rtol=0,
+                    atol=0,
+                )
+
+    # Distributed post-hoc reconstruction: each rank reads its own shards.
+    dist.barrier()  # rank 0's reference snapshots are complete
+    rebuilt = posthoc.reconstruct(snaps, sigma_rel=0.08, like=model.state_dict(), progress=False)
+    reference = posthoc.reconstruct(ref_snaps, sigma_rel=0.08, progress=False)
+    assert list(rebuilt) == list(reference)
+    for name, value in rebuilt.items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        assert_close(value, reference[name], msg=name)

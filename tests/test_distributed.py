@@ -1,0 +1,115 @@
+"""Distributed training on 2 CPU ranks (gloo): FSDP2, DDP, DCP checkpoints, sharded snapshots.
+
+One multi-process run holds every scenario that needs a process group (tests/dist_scenarios.py,
+about 20 s); its outputs (checkpoints, snapshots) are then checked here, in a single process
+without a process group, against single-process references.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import emakit
+from emakit import posthoc, snapshots
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+import dist_scenarios  # noqa: E402  (the spawned ranks import it by this name)
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch was built without torch.distributed / gloo",
+)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """Run the 2-rank scenario once; every test below reads what it left."""
+    tmp = tmp_path_factory.mktemp("dist")
+    dist_scenarios.run("fsdp2_and_ddp", 2, str(tmp))
+    return tmp
+
+
+def test_two_rank_scenario_passes(two_ranks):
+    # The scenario asserts inside the ranks (sharded == single-process EMA and PowerEMA,
+    # uneven and empty shards, zero collectives per update, DDP split == replicated, swap
+    # and continue training, DCP save/resume, distributed reconstruction); reaching here
+    # means every rank finished without an error.
+    assert (two_ranks / "ema_ckpt" / ".metadata").is_file()
+
+
+def test_resume_on_another_world_size(two_ranks):
+    """A checkpoint written by 2 FSDP2 ranks loads into a single-process EMA (resharded by DCP)."""
+    ref = torch.load(two_ranks / "ref_ema.pt", weights_only=True)
+    ema = emakit.EMA(dist_scenarios.Net(), decay=0.8)
+    ema.load(two_ranks / "ema_ckpt")
+    assert ema.t == ref["t"] == dist_scenarios.STEPS
+    for name, value in ref["ema"]["averages"][0].items():
+        assert_close(ema.state_dict()["averages"][0][name], value, msg=name)
+    assert_close(ema.state_dict()["copies"]["steps"], ref["ema"]["copies"]["steps"])
+
+
+def test_load_refuses_a_mismatched_checkpoint_before_changing_anything(two_ranks):
+    pema = emakit.PowerEMA(dist_scenarios.Net(), sigma_rels=(0.05, 0.10))
+    before = {k: v.clone() for k, v in pema.state_dict()["averages"][0].items()}
+    with pytest.raises(ValueError, match="not a PowerEMA state dict"):
+        pema.load(two_ranks / "ema_ckpt")  # an EMA checkpoint
+    with pytest.raises(FileNotFoundError, match="no .metadata"):
+        pema.load(two_ranks / "nothing-here")
+    for k, v in pema.state_dict()["averages"][0].items():
+        assert_close(v, before[k], rtol=0, atol=0)
+    assert pema.t == 0
+
+
+def test_sharded_snapshots_reconstruct_offline(two_ranks):
+    """Snapshots written by 2 ranks (DCP, shards only) == snapshots of a single-process run."""
+    sharded = posthoc.list_snapshots(two_ranks / "snaps")
+    single = posthoc.list_snapshots(two_ranks / "ref_snaps")
+    assert [s.t for s in sharded] == [s.t for s in single] == [2.0, 4.0, 6.0, 8.0]
+    assert all(s.sharded and s.path.suffix == ".dcp" for s in sharded)
+    assert sharded[0].shapes == single[0].shapes and sharded[0].keys == single[0].keys
+    for target in (0.05, 0.08, 0.15):
+        got = posthoc.reconstruct(two_ranks / "snaps", sigma_rel=target, progress=False)
+        want = posthoc.reconstruct(two_ranks / "ref_snaps", sigma_rel=target, progress=False)
+        assert list(got) == list(want)
+        for name in want:
+            assert_close(got[name], want[name], msg=f"{target} {name}")
+
+
+def test_export_to_safetensors(two_ranks, tmp_path):
+    for info in posthoc.list_snapshots(two_ranks / "snaps"):
+        out = snapshots.export(info.path, tmp_path)
+        assert out.name == info.path.name.replace(".dcp", ".safetensors")
+    exported = posthoc.list_snapshots(tmp_path)
+    assert not any(s.sharded for s in exported)
+    got = posthoc.reconstruct(tmp_path, sigma_rel=0.08, progress=False)
+    want = posthoc.reconstruct(two_ranks / "ref_snaps", sigma_rel=0.08, progress=False)
+    for name in want:
+        assert_close(got[name], want[name], msg=name)
+    with pytest.raises(snapshots.SnapshotError, match="already a single-file snapshot"):
+        snapshots.export(exported[0].path, tmp_path / "again")
+
+
+def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class Fake(FullyShardedDataParallel):  # no process group needed to test the check
+        def __init__(self, module):
+            torch.nn.Module.__init__(self)
+            self.inner = module
+
+    with pytest.raises(TypeError, match="FSDP1.*fully_shard"):
+        emakit.EMA(Fake(dist_scenarios.Net()), decay=0.9)
+
+
+def test_shard_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="shard=True.*init_process_group"):
+        emakit.EMA(dist_scenarios.Net(), decay=0.9, shard=True)
+    with pytest.raises(TypeError, match="shard must be False, True or a 1-D DeviceMesh"):
+        emakit.EMA(dist_scenarios.Net(), decay=0.9, shard="yes")
