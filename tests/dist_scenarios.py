@@ -266,3 +266,73 @@ def fsdp2_and_ddp(rank: int, world: int, tmp: Path) -> None:
     for name, value in rebuilt.items():
         value = value.full_tensor() if isinstance(value, DTensor) else value
         assert_close(value, reference[name], msg=name)
+
+
+def deepspeed_zero3(rank: int, world: int, tmp: Path) -> None:
+    """DeepSpeed ZeRO-3: each rank averages its partition, == an EMA of the gathered weights; swap; snapshots."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # what a launcher sets
+    deepspeed.init_distributed(dist_backend="gloo")  # reuses the process group set up above
+    torch.manual_seed(0)
+    net = Net()
+    mirror = copy.deepcopy(net)  # the full weights, gathered after every step: the peers' way, our reference
+    config = {
+        "train_batch_size": BATCH,
+        "train_micro_batch_size_per_gpu": BATCH // world,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.2), config=config
+    )
+    params = list(engine.module.parameters())
+    ema, ref_ema = emakit.EMA(engine, decay=0.8), emakit.EMA(mirror, decay=0.8)
+    pema, ref_pema = emakit.PowerEMA(engine, sigma_rels=(0.05, 0.10)), emakit.PowerEMA(mirror, sigma_rels=(0.05, 0.10))
+    # inp.weight: 15 elements, partitions of 8 and 7 (DeepSpeed pads rank 1's to 8).
+    assert ema.state_dict()["averages"][0]["inp.weight"].to_local().numel() == (8 if rank == 0 else 7)
+
+    def gathered() -> dict[str, torch.Tensor]:
+        with GatheredParameters(params):
+            return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+    for step in range(1, STEPS + 1):
+        x, y = batch(step)
+        engine.backward(nn.functional.mse_loss(engine(local(x, rank, world)), local(y, rank, world)))
+        engine.step()
+        with _CountCollectives() as counter:
+            ema.update()
+            pema.update()
+        assert counter.calls == 0, f"{counter.calls} collectives during the updates"
+        mirror.load_state_dict(gathered())
+        ref_ema.update()
+        ref_pema.update()
+        if step % SNAPSHOT_EVERY == 0:
+            pema.save_snapshot(tmp / "ds_snaps")
+            if rank == 0:
+                ref_pema.save_snapshot(tmp / "ds_ref_snaps")
+
+    full = ema.averaged_state_dict(full=True)
+    if rank == 0:
+        for name, value in ref_ema.averaged_state_dict().items():
+            assert_close(full[name], value, msg=name)
+
+    # Evaluate with the averages (DeepSpeed keeps small parameters gathered between steps).
+    x, _ = batch(STEPS + 1)
+    before = gathered()
+    engine.eval()
+    mirror.eval()
+    with torch.no_grad():
+        out_before = engine(local(x, rank, world))
+    with ema.swapped(), torch.no_grad():
+        out = engine(local(x, rank, world))
+    with ref_ema.swapped(), torch.no_grad():
+        ref_out = mirror(local(x, rank, world))
+    assert_close(out, ref_out)
+    with torch.no_grad():
+        assert_close(engine(local(x, rank, world)), out_before)  # restored, gathered copies included
+    for name, value in gathered().items():
+        assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    dist.barrier()

@@ -604,17 +604,20 @@ class _Averager:
             if lay is not None and lay.shape != lay.model_shape
         }
 
-    def _swap_pairs(self, binding: _Binding) -> list[tuple[Tensor, _Group, int]]:
+    def _swap_pairs(self, binding: _Binding) -> list[tuple[Tensor, _Group, int, bool]]:
+        """``(model memory, group, index, takes the full average)`` for everything a swap writes."""
         pairs = []
         for g, (group, row) in enumerate(zip(self._groups, binding.sources)):
             for i, (tbl, attr) in enumerate(row):
-                pairs.append((distributed.swap_target(group.kind, tbl[attr], binding.locals[g][i]), group, i))
+                local, layout = binding.locals[g][i], group.layouts[i]
+                for target, full in distributed.swap_targets(group.kind, tbl[attr], local, layout):
+                    pairs.append((target, group, i, full))
         return pairs
 
     @torch.no_grad()
     def _copy_into(self, binding: _Binding, k: int) -> None:
-        for target, group, i in self._swap_pairs(binding):
-            target.copy_(distributed.swap_value(group.kind, group.views[k][i], group.layouts[i]))
+        for target, group, i, full in self._swap_pairs(binding):
+            target.copy_(distributed.swap_value(group.views[k][i], group.layouts[i], full))
         for (tbl, attr), stored in zip(binding.copies, self._copies.values()):
             tbl[attr].copy_(stored)
 
@@ -623,7 +626,7 @@ class _Averager:
         self._assert_not_swapped("swapped")
         target_model = self._model if model is None else model
         binding = self._fresh_binding(model)
-        targets = [t for t, _, _ in self._swap_pairs(binding)] + [tbl[a] for tbl, a in binding.copies]
+        targets = [t for t, _, _, _ in self._swap_pairs(binding)] + [tbl[a] for tbl, a in binding.copies]
         with torch.no_grad():
             backup = [t.detach().to(backup_device or t.device, copy=True) for t in targets]
             self._copy_into(binding, k)

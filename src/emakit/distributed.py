@@ -266,16 +266,26 @@ def rebind_local(kind: str, t: Tensor, layout: Layout | None) -> Tensor:
     return _zero3(t)[2]
 
 
-def swap_target(kind: str, t: Tensor, local: Tensor) -> Tensor:
-    """The model memory a swap overwrites: the full replica for ``rows``, the local part otherwise."""
-    return t.detach() if kind == "rows" else local
+def swap_targets(kind: str, t: Tensor, local: Tensor, layout: Layout | None) -> list[tuple[Tensor, bool]]:
+    """The model memory a swap overwrites, each with whether it takes the full (gathered) average.
+
+    The local part for ``local`` / ``dtensor`` / ``zero3``; the whole replica for ``rows``; for
+    ZeRO-3 parameters that are currently gathered (DeepSpeed keeps small "persistent" ones
+    gathered between steps) also the gathered copy, which the next forward would use as is.
+    """
+    if kind == "rows":
+        return [(t.detach(), layout.placements[0].is_shard())]
+    targets = [(local, False)]
+    if kind == "zero3" and t.numel() == layout.shape.numel() and t.numel() > 0:
+        targets.append((t.detach(), True))
+    return targets
 
 
-def swap_value(kind: str, view: Tensor, layout: Layout | None) -> Tensor:
-    """What a swap writes: the gathered full average for ``rows`` (collective), the local view otherwise."""
-    if kind == "rows" and layout.placements[0].is_shard():
-        return layout.wrap(view).full_tensor()
-    return view
+def swap_value(view: Tensor, layout: Layout | None, full: bool) -> Tensor:
+    """What a swap writes: the local view, or the gathered full average (collective)."""
+    if not full:
+        return view
+    return layout.wrap(view).full_tensor().view(layout.model_shape)
 
 
 # --------------------------------------------------------------------------- gathering
