@@ -113,3 +113,61 @@ def test_shard_needs_a_process_group():
         emakit.EMA(dist_scenarios.Net(), decay=0.9, shard=True)
     with pytest.raises(TypeError, match="shard must be False, True or a 1-D DeviceMesh"):
         emakit.EMA(dist_scenarios.Net(), decay=0.9, shard="yes")
+
+
+def test_cli_inspects_and_exports_sharded_snapshots(two_ranks, tmp_path, capsys):
+    from emakit.cli import main
+
+    assert main(["inspect", str(two_ranks / "snaps")]) == 0
+    assert "4 snapshots, t = 2 … 8" in capsys.readouterr().out
+    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"phema-{t:015d}.safetensors" for t in (2, 4, 6, 8)]
+    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path)]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "no sharded snapshots" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_torchrun_example(engine, tmp_path):
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(root / "examples" / "distributed.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [*cmd, "--engine", engine, "--steps", "40", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{engine}: 2 ranks" in out.stdout and "post-hoc sigma_rel=0.08 (offline)" in out.stdout
+    full = torch.load(tmp_path / "ema_full.pt", weights_only=True)
+    assert full["0.weight"].shape == (64, 16) and not full["0.weight"].is_meta
+
+
+def test_distributed_benchmark_runs_at_tiny_scale():
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "bench_distributed.py"),
+            "--layers",
+            "2",
+            "--width",
+            "64",
+            "--reps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "emakit EMA (FSDP2, shard-local)" in out.stdout and "gather + replicated EMA" in out.stdout

@@ -4,6 +4,7 @@ emakit inspect run/phema
 emakit reconstruct run/phema --sigma-rel 0.03,0.05,0.08 --out run/ema
 emakit reconstruct run/phema --sigma-rel 0.02:0.20:0.01 --out run/ema --dtype float16
 emakit reconstruct run/phema --halflife 2000 --out run/ema      # a classic EMA, fitted
+emakit export run/phema --out archive/phema                      # sharded (DCP) -> single files
 """
 
 from __future__ import annotations
@@ -180,19 +181,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import snapshots
+
+    sources = [args.path] if Path(args.path).name.endswith(".dcp") else snapshots.snapshot_paths(args.path)
+    sharded = [Path(p) for p in sources if Path(p).is_dir()]
+    if not sharded:
+        raise CommandError(f"{args.path}: no sharded snapshots (phema-*.dcp) to export")
+    for path in sharded:
+        out = snapshots.export(path, args.out)
+        if not args.quiet:
+            print(f"{path} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emakit", description="Averaged model weights for PyTorch training.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="list the snapshots of a power-EMA directory and what they support")
-    p.add_argument("directory", help="directory of phema-*.safetensors snapshots")
+    p.add_argument("directory", help="directory of snapshots (phema-*.safetensors files or phema-*.dcp directories)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("-v", "--verbose", action="store_true", help="list every snapshot file")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("reconstruct", help="rebuild EMAs of chosen lengths from power-EMA snapshots")
-    p.add_argument("directory", help="directory of phema-*.safetensors snapshots")
+    p.add_argument("directory", help="directory of snapshots (phema-*.safetensors files or phema-*.dcp directories)")
     p.add_argument("--sigma-rel", help="power-EMA lengths: 0.05,0.1 or a range 0.02:0.2:0.01")
     p.add_argument("--decay", help="classic EMAs by per-step decay (fitted; see the fit error)")
     p.add_argument("--halflife", help="classic EMAs by half-life, in the snapshots' time unit (fitted)")
@@ -202,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_reconstruct)
+
+    p = sub.add_parser("export", help="write sharded (DCP) snapshots as single safetensors files, for storage")
+    p.add_argument("path", help="a phema-*.dcp snapshot, or a directory of them")
+    p.add_argument("--out", required=True, help="directory for the phema-*.safetensors files")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("demo", help="train a small diffusion model, sweep EMA lengths post hoc, write a report")
     p.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-2, ... if taken)")
