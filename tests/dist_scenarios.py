@@ -267,6 +267,8 @@ def fsdp2_and_ddp(rank: int, world: int, tmp: Path) -> None:
         value = value.full_tensor() if isinstance(value, DTensor) else value
         assert_close(value, reference[name], msg=name)
 
+    hsdp_and_tensor_parallel(rank, world, tmp)
+
 
 def deepspeed_zero3(rank: int, world: int, tmp: Path) -> None:
     """DeepSpeed ZeRO-3: each rank averages its partition, == an EMA of the gathered weights; swap; snapshots."""
@@ -336,3 +338,52 @@ def deepspeed_zero3(rank: int, world: int, tmp: Path) -> None:
     for name, value in gathered().items():
         assert_close(value, before[name], rtol=0, atol=0, msg=name)
     dist.barrier()
+
+
+def hsdp_and_tensor_parallel(rank: int, world: int, tmp: Path) -> None:
+    """HSDP with bf16 mixed precision, and tensor parallelism: == an EMA of the gathered weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    hsdp_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    tp_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    hsdp = Net()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(hsdp.out, mesh=hsdp_mesh, mp_policy=policy)  # casts its (fp32-scaled) input to bf16
+    fully_shard(hsdp, mesh=hsdp_mesh, reshard_after_forward=False, mp_policy=policy)
+    def tp_net():
+        return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1))  # (torch's TP needs even shards)
+
+    tp = parallelize_module(tp_net(), tp_mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    def gathered(model):
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+
+    for model in (hsdp, tp):
+        mirror = Net() if model is hsdp else tp_net()  # the full weights after every step: the reference
+        mirror.load_state_dict(gathered(model))
+        ema, ref_ema = emakit.EMA(model, decay=0.8), emakit.EMA(mirror, decay=0.8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        avg = ema.state_dict()["averages"][0]
+        w = avg["inp.weight" if model is hsdp else "0.weight"]
+        assert isinstance(w, DTensor) and w.shape == ((3, 5) if model is hsdp else (4, 5)) and w.dtype == torch.float32
+        if model is hsdp:
+            assert w.placements == (Replicate(), Shard(0)) and w.to_local().shape == (3, 5)
+        else:
+            assert w.placements == (Shard(0),) and w.to_local().shape == (2, 5)
+            assert avg["2.weight"].placements == (Shard(1),)
+        for step in range(1, 5):
+            x, y = batch(step)
+            xs, ys = (local(x, rank, world), local(y, rank, world)) if model is hsdp else (x, y)
+            train_step(model, opt, xs, ys)
+            with _CountCollectives() as counter:
+                ema.update()
+            assert counter.calls == 0
+            mirror.load_state_dict(gathered(model))
+            ref_ema.update()
+        got = ema.averaged_state_dict(full=True)
+        if rank == 0:
+            for name, value in ref_ema.averaged_state_dict().items():
+                assert_close(got[name], value, msg=name)
