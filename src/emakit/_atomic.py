@@ -35,11 +35,16 @@ def write_then_rename(writes: list[tuple[Path, Callable[[Path], None]]]) -> None
             if tmp.exists():
                 tmp.unlink()
     for directory in {final.parent for _, final in done}:
-        try:  # make the renames durable
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        fsync_dir(directory)  # make the renames durable
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (renames into it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._atomic import fsync_dir
+
 __all__ = ["Layout", "KINDS"]
 
 KINDS = ("local", "dtensor", "rows", "zero3")
@@ -83,14 +85,6 @@ class Layout:
 
         # src_data_rank=None: every rank holds the full value; each slices its part, no communication.
         return distribute_tensor(value, self.mesh, self.placements, src_data_rank=None).to_local()
-
-
-def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(out))
 
 
 # --------------------------------------------------------------------------- engines
@@ -326,17 +320,6 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def dcp_save_atomic(
     where: str, state: dict[str, Any], final: Path, extra: Callable[[Path], None] | None = None
 ) -> Path:
@@ -370,7 +353,7 @@ def dcp_save_atomic(
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     barrier()
     return final
 

@@ -213,47 +213,29 @@ def write_snapshot(
 def write_sharded_snapshot(
     directory: str | os.PathLike,
     *,
-    t: float,
-    num_updates: int,
-    sigma_rels: list[float],
-    gammas: list[float],
     averages: list[dict[str, Tensor]],
     copies: dict[str, Tensor],
     static: dict[str, Tensor],
-    model_dtypes: dict[str, torch.dtype],
-    dtype: torch.dtype,
-    keys: list[str],
-    aliases: dict[str, str],
     model_shapes: dict[str, tuple[int, ...]],
+    **fields,
 ) -> Path:
     """Write one snapshot as a DCP directory, each rank its own shards (collective).
 
-    ``averages`` hold DTensors (or plain replicated tensors, written once) already in
-    ``dtype``. ``model_shapes`` gives the model's shape of every tensor (a flattened ZeRO-3
-    average is stored 1-D and reshaped on reading).
+    Same arguments as :func:`write_snapshot`; ``averages`` hold DTensors (or plain replicated
+    tensors, written once) already in ``dtype``. ``model_shapes`` gives the model's shape of
+    every tensor (a flattened ZeRO-3 average is stored 1-D and reshaped on reading).
     """
     from . import distributed
 
-    final = _final_path(directory, t, ".dcp")
+    final = _final_path(directory, fields["t"], ".dcp")
     state: dict[str, Tensor] = {}
     for j, profile in enumerate(averages):
         for name, v in profile.items():
             state[f"avg.{j}/{name}"] = v
     state.update({f"copy/{n}": v for n, v in copies.items()})
     state.update({f"static/{n}": v for n, v in static.items()})
-    metadata = _metadata(
-        t=t,
-        num_updates=num_updates,
-        sigma_rels=sigma_rels,
-        gammas=gammas,
-        averaged=list(averages[0]) if averages else [],
-        copied=list(copies),
-        static=list(static),
-        model_dtypes=model_dtypes,
-        dtype=dtype,
-        keys=keys,
-        aliases=aliases,
-    )
+    averaged = list(averages[0]) if averages else []
+    metadata = _metadata(averaged=averaged, copied=list(copies), static=list(static), **fields)
     metadata["tensors"] = json.dumps(
         {
             key: [dtype_name(v.dtype), list(v.shape), list(model_shapes[key.split("/", 1)[1]])]
