@@ -337,6 +337,25 @@ def deepspeed_zero3(rank: int, world: int, tmp: Path) -> None:
         assert_close(engine(local(x, rank, world)), out_before)  # restored, gathered copies included
     for name, value in gathered().items():
         assert_close(value, before[name], rtol=0, atol=0, msg=name)
+
+    # ZeRO-2 keeps full parameters on every rank: replicated, or split with shard=True (== exactly).
+    net2 = Net()
+    engine2, _, _, _ = deepspeed.initialize(
+        model=net2,
+        optimizer=torch.optim.SGD(net2.parameters(), lr=0.2),
+        config={**config, "zero_optimization": {"stage": 2}},
+    )
+    replicated, split = emakit.EMA(engine2, decay=0.8), emakit.EMA(engine2, decay=0.8, shard=True)
+    for step in range(1, 4):
+        x, y = batch(step)
+        engine2.backward(nn.functional.mse_loss(engine2(local(x, rank, world)), local(y, rank, world)))
+        engine2.step()
+        replicated.update()
+        split.update()
+    full = split.averaged_state_dict(full=True)
+    if rank == 0:
+        for name, value in replicated.averaged_state_dict().items():
+            assert_close(full[name], value, rtol=0, atol=0, msg=name)
     dist.barrier()
 
 
