@@ -769,7 +769,7 @@ class _Averager:
         distributed.dcp_load(small, path, flatten=False)
         header = {k: v for k, v in small.items() if not k.startswith("config.")}
         header["config"] = {k.removeprefix("config."): v for k, v in small.items() if k.startswith("config.")}
-        self._check_header(where, header)
+        t, counts = self._check_header(where, header)
         state = self.state_dict()
         tensors = {f"averages.{k}.{n}": v for k, profile in enumerate(state["averages"]) for n, v in profile.items()}
         tensors.update({f"copies.{n}": v for n, v in state["copies"].items()})
@@ -783,7 +783,9 @@ class _Averager:
                 )
         # Each rank reads its own parts straight into the averages (they share memory with ``state``).
         distributed.dcp_load(state, path)
-        self.load_state_dict({**state, **header})
+        self.t = t
+        self.num_updates = counts["num_updates"]
+        self.num_skipped = counts["num_skipped"]
 
     def _check_tensor_state(self, where: str, averages: Mapping[str, Any], copies: Mapping[str, Any]) -> None:
         """Raise naming the first key whose presence, type or shape does not match."""
