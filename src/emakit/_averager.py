@@ -433,7 +433,7 @@ class _Averager:
         """Check the model's tensor against what was averaged; return the part this rank averages."""
         t = slot.get()
         layout = group.layouts[i]
-        kind = distributed.classify(t, self._rows_mesh)[0]
+        kind, _, local = distributed.classify(t, self._rows_mesh)
         if kind != group.kind:
             raise ValueError(
                 f"{self._owner}: tensor {slot.name!r} is held as {kind!r} in the model, but the average was "
@@ -451,7 +451,6 @@ class _Averager:
                 f"{self._owner}: tensor {slot.name!r} has dtype {t.dtype} in the model, expected "
                 f"{group.source_dtype} (the dtype it had when the average was created)"
             )
-        local = distributed.rebind_local(kind, t, layout)
         if local.shape != group.shapes[i]:
             raise ValueError(
                 f"{self._owner}: this rank holds a part of shape {tuple(local.shape)} of tensor {slot.name!r}, "

@@ -32,9 +32,7 @@ from torch import Tensor, nn
 
 from ._atomic import fsync_dir
 
-__all__ = ["Layout", "KINDS"]
-
-KINDS = ("local", "dtensor", "rows", "zero3")
+__all__ = ["Layout", "reshard"]
 
 
 def _dtensor_type():
@@ -249,17 +247,6 @@ POINTER: dict[str, Callable[[Tensor], int]] = {
 }
 
 
-def rebind_local(kind: str, t: Tensor, layout: Layout | None) -> Tensor:
-    """The local tensor of ``t`` for an average of this kind (at binding time)."""
-    if kind == "local":
-        return t.detach()
-    if kind == "dtensor":
-        return _local_dtensor(t)
-    if kind == "rows":
-        return _rows(t, layout)
-    return _zero3(t)[2]
-
-
 def swap_targets(kind: str, t: Tensor, local: Tensor, layout: Layout | None) -> list[tuple[Tensor, bool]]:
     """The model memory a swap overwrites, each with whether it takes the full (gathered) average.
 
@@ -285,7 +272,7 @@ def swap_value(view: Tensor, layout: Layout | None, full: bool) -> Tensor:
 # --------------------------------------------------------------------------- gathering
 
 
-def gather_full(values: dict[str, Any], rank0_only: bool = True) -> dict[str, Tensor]:
+def gather_full(values: dict[str, Any]) -> dict[str, Tensor]:
     """Full CPU tensors on rank 0 ({} elsewhere), one tensor at a time, from a dict with DTensors.
 
     Collective: every rank must call it with the same keys. No rank ever holds more than
@@ -298,7 +285,7 @@ def gather_full(values: dict[str, Any], rank0_only: bool = True) -> dict[str, Te
     for name, value in values.items():
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        if rank == 0 or not rank0_only:
+        if rank == 0:
             out[name] = value.detach().to("cpu", copy=True)
         del value
     return out

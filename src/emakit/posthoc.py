@@ -344,11 +344,11 @@ def reconstruct(
     bar = _progress(len(used) * len(latest.averaged) * max(s.num_profiles for s in used), progress)
     try:
         for i, info in enumerate(used):
-            order = [f"avg.{j}/{name}" for j in range(info.num_profiles) for name in info.averaged]
+            items = [(j, name) for j in range(info.num_profiles) for name in info.averaged]
+            order = [f"avg.{j}/{name}" for j, name in items]
             reader = reader_for(info, order)
             try:
-                for key in order:
-                    j, name = int(key[4 : key.index("/")]), key[key.index("/") + 1 :]
+                for (j, name), key in zip(items, order):
                     x = reader.get(key).to(acc_dtype)
                     for sol, acc in zip(solutions, sums):
                         w = sol.weights[i][j]

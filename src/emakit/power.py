@@ -235,8 +235,8 @@ class PowerEMA(_Averager):
             shapes = {n: tuple(s) for n, s in self._model_shapes().items()}
             shapes.update({n: tuple(v.shape) for n, v in {**self._copies, **live}.items()})
             return snapshots.write_sharded_snapshot(directory, averages=averages, model_shapes=shapes, **common)
-        averages = [{n: v for n, v, _, _ in self._average_tensors(k)} for k in range(self._num_profiles)]
         if distributed.rank() != 0:
             # Replicated (DDP): every rank holds the same averages; rank 0 writes them.
             return Path(directory) / snapshots.file_name(self.t)
+        averages = [{n: v for n, v, _, _ in self._average_tensors(k)} for k in range(self._num_profiles)]
         return snapshots.write_snapshot(directory, averages=averages, **common)

@@ -394,12 +394,13 @@ class _DcpReader:
 
         if key not in self._cache:
             start = self._order.index(key) if key in self._order else len(self._order)
-            batch, nbytes = {key: self._empty(key)}, 0
+            batch = {key: self._empty(key)}
+            nbytes = batch[key].nbytes
             for other in self._order[start + 1 :]:
-                nbytes += batch[next(reversed(batch))].nbytes
                 if nbytes >= _DCP_BATCH_BYTES:
                     break
                 batch[other] = self._empty(other)
+                nbytes += batch[other].nbytes
             distributed.dcp_load(batch, self._info.path, no_dist=True, flatten=False)
             self._cache = batch
         value = self._cache.pop(key)
