@@ -104,6 +104,8 @@ def _worker(rank: int, world: int, args, tmp: str, queue) -> None:
     if rank == 0:
         rows = [(n, mib, statistics.median(cpu[n]), statistics.median(wall[n])) for n, (_, mib) in contenders.items()]
         queue.put(rows)
+    del contenders, ours, ddp_rep, ddp_split, ddp  # free the DDP objects before the group goes away
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -87,11 +87,24 @@ def _entry(rank: int, scenario: str, world: int, tmp: str) -> None:
     )
     try:
         globals()[scenario](rank, world, Path(tmp))
+        _quiesce()
     except Exception:
         traceback.print_exc()
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _quiesce() -> None:
+    """Free the scenario's models and wait for every rank before tearing the process group down.
+
+    Without this, a rank that exits while the other still holds DDP/FSDP objects bound to the
+    group occasionally aborted in teardown ("terminate called without an active exception").
+    """
+    import gc
+
+    gc.collect()
+    dist.barrier()
 
 
 class _CountCollectives:
@@ -173,6 +186,8 @@ def fsdp2_and_ddp(rank: int, world: int, tmp: Path) -> None:
     assert avg["out.weight"].to_local().shape == ((1, 3) if rank == 0 else (0, 3))
     assert not isinstance(avg["scale"], DTensor)  # FSDP2 keeps buffers replicated
     assert sum(g.numel for g in split._groups) < 0.75 * sum(g.numel for g in replicated._groups)
+    assert ema.is_sharded and pema.is_sharded and split.is_sharded
+    assert not replicated.is_sharded and not ref_ema.is_sharded
 
     for step in range(1, STEPS + 1):
         x, y = batch(step)
@@ -373,10 +388,12 @@ def hsdp_and_tensor_parallel(rank: int, world: int, tmp: Path) -> None:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     fully_shard(hsdp.out, mesh=hsdp_mesh, mp_policy=policy)  # casts its (fp32-scaled) input to bf16
     fully_shard(hsdp, mesh=hsdp_mesh, reshard_after_forward=False, mp_policy=policy)
+
     def tp_net():
         return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1))  # (torch's TP needs even shards)
 
     tp = parallelize_module(tp_net(), tp_mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
     def gathered(model):
         return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
 
