@@ -14,23 +14,19 @@ no communication per update. A tensor of the model is one of four kinds:
   is averaged, and the average is a 1-D ``Shard(0)`` DTensor of ``numel`` elements.
 
 Time is host-side (every rank holds the same ``t``), so decays need no communication either.
+DCP checkpoint files are :mod:`emakit._dcp`; reading snapshot shards for a distributed
+reconstruction is :mod:`emakit._shard_reader`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from ._atomic import fsync_dir
 
 __all__ = ["Layout", "reshard"]
 
@@ -176,6 +172,11 @@ def classify(t: Tensor, rows_mesh) -> tuple[str, Layout | None, Tensor]:
     return "local", None, t.detach()
 
 
+def model_shape(t: Tensor, kind: str) -> torch.Size:
+    """The parameter's shape as the model sees it (a ZeRO-3 parameter's own ``shape`` is empty)."""
+    return torch.Size(t.ds_shape) if kind == "zero3" else t.shape
+
+
 def _local_dtensor(t: Tensor) -> Tensor:
     with torch.no_grad():
         return t.to_local().detach()
@@ -291,160 +292,18 @@ def gather_full(values: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
-# --------------------------------------------------------------------------- checkpoints (DCP)
+# --------------------------------------------------------------------------- process group
 
 
-def _dist_ready() -> bool:
+def dist_ready() -> bool:
+    """Whether a default process group is initialised."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if _dist_ready() else 0
+    return torch.distributed.get_rank() if dist_ready() else 0
 
 
 def barrier() -> None:
-    if _dist_ready():
+    if dist_ready():
         torch.distributed.barrier()
-
-
-def dcp_save_atomic(
-    where: str, state: dict[str, Any], final: Path, extra: Callable[[Path], None] | None = None
-) -> Path:
-    """``dcp.save(state)`` into a hidden directory that rank 0 renames to ``final`` once complete.
-
-    Collective: every rank calls it with the same ``final`` (on a file system they share, as
-    DCP requires). Each rank writes only its own shards. ``extra(tmp_dir)`` runs on rank 0
-    before the rename (to add a small description file). A crash leaves only the hidden
-    ``.<name>.tmp`` directory, which no reader lists; an existing ``final`` is never replaced.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp")
-    exists = final.exists()
-    if exists:
-        raise FileExistsError(f"{where}: {final} already exists; choose a new path (checkpoints are never replaced)")
-    if rank() == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crashed save of the same name
-    barrier()
-    with warnings.catch_warnings():  # single process: DCP warns that it assumes one; it is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=tmp)
-    barrier()
-    if rank() == 0:
-        if extra is not None:
-            extra(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    barrier()
-    return final
-
-
-def dcp_metadata(where: str, path: Path):
-    """The DCP metadata of a checkpoint directory (pickled by DCP: load only checkpoints you trust)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{where}: {path} is not a torch.distributed.checkpoint directory (no .metadata)")
-    return FileSystemReader(str(path)).read_metadata()
-
-
-def dcp_load(state: dict[str, Any], path: Path, *, no_dist: bool = False, flatten: bool = True) -> None:
-    """``dcp.load`` in place (collective unless ``no_dist``)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    planner = DefaultLoadPlanner(flatten_state_dict=flatten, flatten_sharded_tensors=flatten)
-    with warnings.catch_warnings():  # DCP warns that a single process is assumed: that is the intent here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path), planner=planner, no_dist=no_dist or not _dist_ready())
-
-
-# --------------------------------------------------------------------------- post-hoc on shards
-
-
-def _layout_of(value: Tensor) -> Layout | None:
-    if not is_dtensor(value):
-        return None
-    return Layout(value.device_mesh, tuple(value.placements), value.shape, tuple(value.stride()), value.shape)
-
-
-class ShardReader:
-    """Reads this rank's parts of snapshot tensors in the layout of a sharded state dict ``like``.
-
-    Collective for sharded (DCP) snapshots: every rank asks for the same keys in the same
-    order, and each reads only its shards. From a single-file snapshot each rank reads the
-    tensor and keeps its part.
-    """
-
-    def __init__(self, like: dict[str, Tensor], info, order: list[str]) -> None:
-        self._like = like
-        self._info = info
-        self._single = None
-        self._table = None
-        if not info.sharded:
-            from .snapshots import open_tensors
-
-            self._single = open_tensors(info, order)
-
-    def get(self, key: str) -> Tensor:
-        name = key.split("/", 1)[1]
-        target = self._like.get(name)
-        if target is None:
-            raise KeyError(f"reconstruct: like= has no tensor {name!r}, which the snapshots hold")
-        layout = _layout_of(target)
-        if self._single is not None:
-            full = self._single.get(key)
-            return full if layout is None else layout.local_of(full)
-        from .snapshots import dcp_tensor_table, parse_dtype
-
-        if self._table is None:
-            self._table = dcp_tensor_table(self._info.path)
-        dtype_name, stored_shape, _ = self._table[key]
-        dtype = parse_dtype(dtype_name, str(self._info.path))
-        if layout is None:
-            dest: Tensor = torch.empty(stored_shape, dtype=dtype, device=target.device)
-        else:
-            if list(target.shape) != list(stored_shape):
-                raise ValueError(
-                    f"reconstruct: like[{name!r}] has shape {tuple(target.shape)}, the snapshot stores "
-                    f"{tuple(stored_shape)}"
-                )
-            local = torch.empty(target.to_local().shape, dtype=dtype, device=target.to_local().device)
-            dest = layout.wrap(local)
-        dcp_load({key: dest}, self._info.path, flatten=False)
-        return dest if layout is None else dest.to_local()
-
-    def close(self) -> None:
-        if self._single is not None:
-            self._single.close()
-
-    @classmethod
-    def factory(cls, like, latest) -> Callable:
-        if not isinstance(like, dict):
-            raise TypeError(f"reconstruct: like must be a state dict (name -> tensor), got {type(like).__name__}")
-        from ._model import normalize_name
-
-        named = {normalize_name(k): v for k, v in like.items()}
-        missing = [n for n in (*latest.averaged, *latest.copied, *latest.static) if n not in named]
-        if missing:
-            raise KeyError(f"reconstruct: like= has no tensor {missing[0]!r} ({len(missing)} names missing)")
-        return lambda info, order: cls(named, info, order)
-
-
-def wrap_like(like: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Local parts as DTensors with the layout of the matching ``like`` entries."""
-    from ._model import normalize_name
-
-    named = {normalize_name(k): v for k, v in like.items()}
-    out = {}
-    for key, value in values.items():
-        layout = _layout_of(named[key]) if key in named else None
-        out[key] = value if layout is None else layout.wrap(value)
-    return out

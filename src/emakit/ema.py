@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from . import schedules
-from ._averager import _Averager, check_time
+from ._averager import _Averager
 from ._model import normalize_name
+from ._time import check_time
 
 __all__ = ["EMA"]
 
@@ -101,7 +102,7 @@ class EMA(_Averager):
         return self._schedules[0]
 
     def __repr__(self) -> str:
-        numel = sum(g.numel for g in self._groups)
+        numel = self._storage.numel
         return (
             f"EMA(schedule={self.schedule!r}, t={self.t}, num_updates={self.num_updates}, "
             f"averaged={len(self._spec.average)} tensors / {numel} elements, copied={len(self._spec.copy)}, "
@@ -152,8 +153,7 @@ class EMA(_Averager):
 
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the averaged (and copied) tensors into ``model`` (matched by normalised name)."""
-        self._assert_not_swapped("copy_to")
-        self._copy_into(self._make_binding(self._model if model is None else model), 0)
+        self._copy_to(model, 0)
 
     # ------------------------------------------------------------------ checkpoints
 

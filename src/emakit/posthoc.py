@@ -224,23 +224,7 @@ def solve_coefficients(
     used = [s for s in infos if 0 < s.t <= t]
     if not used:
         raise ValueError(f"t={t} is before the first snapshot (t={infos[0].t} in {infos[0].path})")
-    t_i, g_i = [], []
-    for s in used:
-        for g in s.gammas:
-            t_i.append(s.t / t)  # time in units of t: well scaled at any run length
-            g_i.append(g)
-    t_i = torch.tensor(t_i, dtype=torch.float64)
-    g_i = torch.tensor(g_i, dtype=torch.float64)
-    a = power_inner(t_i[:, None], g_i[:, None], t_i[None, :], g_i[None, :])
-    if target_gamma is not None:
-        one = torch.ones((), dtype=torch.float64)
-        gr = torch.tensor(target_gamma, dtype=torch.float64)
-        b = power_inner(t_i, g_i, one, gr)
-        norm = float(power_inner(one, gr, one, gr))
-    else:
-        rate_u = rate * t
-        b = exponential_inner(t_i, g_i, 1.0, rate_u)
-        norm = _exponential_norm(1.0, rate_u)
+    a, b, norm = _normal_equations(used, t, target_gamma, rate)
     x = torch.linalg.lstsq(a, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
     x = x / x.sum()
     fit = float(x @ a @ x - 2 * x @ b + norm) / norm
@@ -251,21 +235,47 @@ def solve_coefficients(
         k += s.num_profiles
     solution = Solution(label, float(t), tuple(used), tuple(sol_weights), fit, float(x.abs().sum()))
     if warn:
-        shortest = max(g for s in used for g in s.gammas)
-        if target_gamma is not None and target_gamma > shortest * (1 + 1e-9):
-            warnings.warn(
-                f"posthoc: {label} is shorter than every tracked profile (largest gamma "
-                f"{shortest:.4g}); the reconstruction is a poor fit (relative profile error "
-                f"{fit:.2e})",
-                stacklevel=2,
-            )
-        elif fit > FIT_ERROR_WARN:
-            warnings.warn(
-                f"posthoc: {label} at t={t:g} is poorly supported by these snapshots (relative profile "
-                f"error {fit:.2e} > {FIT_ERROR_WARN:g})",
-                stacklevel=2,
-            )
+        _warn_if_poor(solution, target_gamma)
     return solution
+
+
+def _normal_equations(
+    used: Sequence[SnapshotInfo], t: float, target_gamma: float | None, rate: float | None
+) -> tuple[Tensor, Tensor, float]:
+    """``(A, b, <p_r, p_r>)`` in float64, with time in units of ``t`` (well scaled at any run length)."""
+    t_i, g_i = [], []
+    for s in used:
+        for g in s.gammas:
+            t_i.append(s.t / t)
+            g_i.append(g)
+    t_i = torch.tensor(t_i, dtype=torch.float64)
+    g_i = torch.tensor(g_i, dtype=torch.float64)
+    a = power_inner(t_i[:, None], g_i[:, None], t_i[None, :], g_i[None, :])
+    if target_gamma is not None:
+        one = torch.ones((), dtype=torch.float64)
+        gr = torch.tensor(target_gamma, dtype=torch.float64)
+        return a, power_inner(t_i, g_i, one, gr), float(power_inner(one, gr, one, gr))
+    rate_u = rate * t
+    return a, exponential_inner(t_i, g_i, 1.0, rate_u), _exponential_norm(1.0, rate_u)
+
+
+def _warn_if_poor(solution: Solution, target_gamma: float | None) -> None:
+    """Warn (at the caller of ``solve_coefficients``) when the target is poorly supported."""
+    label, fit, t = solution.target, solution.fit_error, solution.t
+    shortest = max(g for s in solution.snapshots for g in s.gammas)
+    if target_gamma is not None and target_gamma > shortest * (1 + 1e-9):
+        warnings.warn(
+            f"posthoc: {label} is shorter than every tracked profile (largest gamma "
+            f"{shortest:.4g}); the reconstruction is a poor fit (relative profile error "
+            f"{fit:.2e})",
+            stacklevel=3,
+        )
+    elif fit > FIT_ERROR_WARN:
+        warnings.warn(
+            f"posthoc: {label} at t={t:g} is poorly supported by these snapshots (relative profile "
+            f"error {fit:.2e} > {FIT_ERROR_WARN:g})",
+            stacklevel=3,
+        )
 
 
 def reliable_range(
@@ -332,37 +342,15 @@ def reconstruct(
     out_dtype = _out_dtype(dtype)
     used = solutions[0].snapshots
     latest = used[-1]
-    # Accumulate in fp32 at least (snapshots may be fp16/bf16), cast at the end.
-    acc_dtype = torch.promote_types(torch.float32, latest.dtype)
-    sums: list[dict[str, Tensor]] = [{} for _ in solutions]
     if like is not None:
-        from .distributed import ShardReader
+        from ._shard_reader import ShardReader
 
         reader_for = ShardReader.factory(like, latest)
     else:
         reader_for = open_tensors
     bar = _progress(len(used) * len(latest.averaged) * max(s.num_profiles for s in used), progress)
     try:
-        for i, info in enumerate(used):
-            items = [(j, name) for j in range(info.num_profiles) for name in info.averaged]
-            order = [f"avg.{j}/{name}" for j, name in items]
-            reader = reader_for(info, order)
-            try:
-                for (j, name), key in zip(items, order):
-                    x = reader.get(key).to(acc_dtype)
-                    for sol, acc in zip(solutions, sums):
-                        w = sol.weights[i][j]
-                        if name in acc:
-                            acc[name].add_(x, alpha=w)
-                        else:
-                            acc[name] = x * w
-                    bar.update(1)
-            except Exception as e:
-                raise SnapshotError(
-                    f"{info.path}: could not read the snapshot data (truncated or corrupted?): {e}"
-                ) from e
-            finally:
-                reader.close()
+        sums = _weighted_sums(solutions, reader_for, bar)
         extras: dict[str, Tensor] = {}
         order = [f"copy/{n}" for n in latest.copied] + [f"static/{n}" for n in latest.static]
         reader = reader_for(latest, order)
@@ -373,24 +361,60 @@ def reconstruct(
             reader.close()
     finally:
         bar.close()
-    results = []
-    for acc in sums:
-        values = {}
-        for name, v in acc.items():
-            target = latest.model_dtypes.get(name, torch.float32) if out_dtype is None else out_dtype
-            values[name] = v.to(target)
-        values.update(extras)
-        if like is not None:
-            from .distributed import wrap_like
-
-            values = wrap_like(like, values)
-        ordered = {}
-        for key in latest.keys:
-            primary = latest.aliases.get(key, key)
-            if primary in values:
-                ordered[key] = values[primary]
-        results.append(ordered)
+    results = [_state_dict(acc, extras, latest, out_dtype, like) for acc in sums]
     return results if many else results[0]
+
+
+def _weighted_sums(solutions: Sequence[Solution], reader_for, bar) -> list[dict[str, Tensor]]:
+    """``sum_i x_i * snapshot_i`` for every solution, reading each snapshot file once, tensor by tensor."""
+    used = solutions[0].snapshots
+    # Accumulate in fp32 at least (snapshots may be fp16/bf16), cast at the end.
+    acc_dtype = torch.promote_types(torch.float32, used[-1].dtype)
+    sums: list[dict[str, Tensor]] = [{} for _ in solutions]
+    for i, info in enumerate(used):
+        items = [(j, name) for j in range(info.num_profiles) for name in info.averaged]
+        order = [f"avg.{j}/{name}" for j, name in items]
+        reader = reader_for(info, order)
+        try:
+            for (j, name), key in zip(items, order):
+                x = reader.get(key).to(acc_dtype)
+                for sol, acc in zip(solutions, sums):
+                    w = sol.weights[i][j]
+                    if name in acc:
+                        acc[name].add_(x, alpha=w)
+                    else:
+                        acc[name] = x * w
+                bar.update(1)
+        except Exception as e:
+            raise SnapshotError(f"{info.path}: could not read the snapshot data (truncated or corrupted?): {e}") from e
+        finally:
+            reader.close()
+    return sums
+
+
+def _state_dict(
+    acc: dict[str, Tensor],
+    extras: dict[str, Tensor],
+    latest: SnapshotInfo,
+    out_dtype: torch.dtype | None,
+    like: Mapping[str, Tensor] | None,
+) -> dict[str, Tensor]:
+    """One reconstruction as the model's state dict: cast, completed with the extras, in key order."""
+    values = {}
+    for name, v in acc.items():
+        target = latest.model_dtypes.get(name, torch.float32) if out_dtype is None else out_dtype
+        values[name] = v.to(target)
+    values.update(extras)
+    if like is not None:
+        from ._shard_reader import wrap_like
+
+        values = wrap_like(like, values)
+    ordered = {}
+    for key in latest.keys:
+        primary = latest.aliases.get(key, key)
+        if primary in values:
+            ordered[key] = values[primary]
+    return ordered
 
 
 def _out_dtype(dtype: torch.dtype | str) -> torch.dtype | None:

@@ -106,7 +106,7 @@ class PowerEMA(_Averager):
         return tuple(s.sigma_rel for s in self._schedules)
 
     def __repr__(self) -> str:
-        numel = sum(g.numel for g in self._groups)
+        numel = self._storage.numel
         profiles = ", ".join(f"{s:.4g}" for s in self.sigma_rels)
         return (
             f"PowerEMA(sigma_rels=({profiles}), t={self.t}, num_updates={self.num_updates}, "
@@ -157,9 +157,7 @@ class PowerEMA(_Averager):
 
     def copy_to(self, model: nn.Module | None = None, *, sigma_rel: float | None = None) -> None:
         """Write profile ``sigma_rel``'s averages (and copied tensors) into ``model``."""
-        self._assert_not_swapped("copy_to")
-        k = self._index("copy_to", sigma_rel)
-        self._copy_into(self._make_binding(self._model if model is None else model), k)
+        self._copy_to(model, self._index("copy_to", sigma_rel))
 
     def _config(self) -> dict[str, Any]:
         return {"gammas": [float(g) for g in self.gammas], **super()._config()}
@@ -207,36 +205,37 @@ class PowerEMA(_Averager):
                 f"error (the solve combines snapshots with large coefficients); float32 is the default",
                 stacklevel=2,
             )
-        distributed.reshard(self._model)
-        keys = [normalize_name(k) for k in self._model.state_dict()]  # the model's keys, in order
-        live = {}
-        if static and self._spec.live:
-            slots = self._slots
-            live = {n: slots[n].get() for n in self._spec.live}
-        model_dtypes = {n: g.source_dtype for g in self._groups for n in g.names}
-        common = dict(
-            t=self.t,
-            num_updates=self.num_updates,
-            sigma_rels=list(self.sigma_rels),
-            gammas=list(self.gammas),
-            copies=dict(self._copies),
-            static=live,
-            model_dtypes=model_dtypes,
-            dtype=dtype,
-            keys=keys,
-            aliases=dict(self._aliases),
-        )
-        if self.is_sharded or any(distributed.is_dtensor(v) for v in live.values()):
+        common = self._snapshot_fields(dtype, static)
+        storage = self._storage
+        if storage.is_sharded or any(distributed.is_dtensor(v) for v in common["static"].values()):
             # Collective: each rank writes its own shards, nothing is gathered.
             averages = [
-                {n: v.to(dtype) if v.dtype != dtype else v for n, v in self._state_tensors(k).items()}
+                {n: v.to(dtype) if v.dtype != dtype else v for n, v in storage.state_tensors(k).items()}
                 for k in range(self._num_profiles)
             ]
-            shapes = {n: tuple(s) for n, s in self._model_shapes().items()}
-            shapes.update({n: tuple(v.shape) for n, v in {**self._copies, **live}.items()})
+            shapes = {n: tuple(s) for n, s in storage.model_shapes().items()}
+            shapes.update({n: tuple(v.shape) for n, v in {**storage.copies, **common["static"]}.items()})
             return snapshots.write_sharded_snapshot(directory, averages=averages, model_shapes=shapes, **common)
         if distributed.rank() != 0:
             # Replicated (DDP): every rank holds the same averages; rank 0 writes them.
             return Path(directory) / snapshots.file_name(self.t)
-        averages = [{n: v for n, v, _, _ in self._average_tensors(k)} for k in range(self._num_profiles)]
+        averages = [{n: v for n, v, _, _ in storage.tensors(k)} for k in range(self._num_profiles)]
         return snapshots.write_snapshot(directory, averages=averages, **common)
+
+    def _snapshot_fields(self, dtype: torch.dtype, static: bool) -> dict[str, Any]:
+        """Everything a snapshot holds besides the averages."""
+        distributed.reshard(self._model)
+        keys = [normalize_name(k) for k in self._model.state_dict()]  # the model's keys, in order
+        live = {n: self._slots[n].get() for n in self._spec.live} if static else {}
+        return dict(
+            t=self.t,
+            num_updates=self.num_updates,
+            sigma_rels=list(self.sigma_rels),
+            gammas=list(self.gammas),
+            copies=dict(self._storage.copies),
+            static=live,
+            model_dtypes={n: g.source_dtype for g in self._storage.groups for n in g.names},
+            dtype=dtype,
+            keys=keys,
+            aliases=dict(self._aliases),
+        )

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import _dcp
 from ._atomic import write_then_rename
 
 __all__ = [
@@ -225,8 +226,6 @@ def write_sharded_snapshot(
     tensors, written once) already in ``dtype``. ``model_shapes`` gives the model's shape of
     every tensor (a flattened ZeRO-3 average is stored 1-D and reshaped on reading).
     """
-    from . import distributed
-
     final = _final_path(directory, fields["t"], ".dcp")
     state: dict[str, Tensor] = {}
     for j, profile in enumerate(averages):
@@ -246,7 +245,7 @@ def write_sharded_snapshot(
     def describe(tmp: Path) -> None:
         (tmp / _DCP_INFO).write_text(json.dumps(metadata, indent=1))
 
-    return distributed.dcp_save_atomic("save_snapshot", state, final, extra=describe)
+    return _dcp.save_atomic("save_snapshot", state, final, extra=describe)
 
 
 def snapshot_paths(directory: str | os.PathLike) -> list[Path]:
@@ -390,8 +389,6 @@ class _DcpReader:
         return torch.empty(shape, dtype=parse_dtype(dtype, str(self._info.path)))
 
     def get(self, key: str) -> Tensor:
-        from . import distributed
-
         if key not in self._cache:
             start = self._order.index(key) if key in self._order else len(self._order)
             batch = {key: self._empty(key)}
@@ -401,7 +398,7 @@ class _DcpReader:
                     break
                 batch[other] = self._empty(other)
                 nbytes += batch[other].nbytes
-            distributed.dcp_load(batch, self._info.path, no_dist=True, flatten=False)
+            _dcp.load(batch, self._info.path, no_dist=True, flatten=False)
             self._cache = batch
         value = self._cache.pop(key)
         model_shape = self._tensors[key][2]

@@ -1,0 +1,239 @@
+"""Checkpoints of an average: ``state_dict`` / ``load_state_dict``, and DCP ``save`` / ``load``.
+
+Owns the checkpoint format (a dict with ``format``, ``version``, ``t``, counters, settings,
+the averages by name per profile and the copies), its checks, and reading tensors back into
+the storage. Every check runs before anything is written, so a rejected checkpoint leaves
+the average as it was.
+
+:class:`Checkpointing` is a mixin of :class:`emakit._averager._Averager`. It uses the
+host's ``_owner``, ``_format``, ``_storage``, ``_num_profiles``, ``_buffers_mode``, ``t``,
+``num_updates``, ``num_skipped`` and ``_assert_not_swapped``, and sets only ``t`` and the counters besides
+the averages' values. It never touches the model or its binding.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _dcp, distributed
+from ._storage import Storage
+from ._time import check_time
+
+STATE_VERSION = 1
+
+#: The small, non-tensor entries of a checkpoint (besides ``config.*``).
+_HEADER = ("format", "version", "t", "num_updates", "num_skipped")
+
+
+class Checkpointing:
+    """``state_dict`` / ``load_state_dict`` / ``save`` / ``load`` for an average (a mixin)."""
+
+    _owner: str
+    _format: str
+    _storage: Storage
+    _num_profiles: int
+    t: float
+    num_updates: int
+    num_skipped: int
+    _buffers_mode: str
+
+    # ------------------------------------------------------------------ settings
+
+    def _config(self) -> dict[str, Any]:
+        return {"buffers": self._buffers_mode, "dtypes": self._storage.dtypes()}
+
+    def _check_config(self, where: str, stored: Mapping[str, Any]) -> None:
+        """Warn about stored settings that differ from ours; ours are kept. Subclasses may raise."""
+        diffs = [
+            f"{k}: stored {stored[k]!r}, this one {v!r}" for k, v in self._config().items() if k in stored and stored[k] != v
+        ]
+        if diffs:
+            warnings.warn(
+                f"{where}: the state dict was saved with other settings; keeping this "
+                f"{self._owner}'s ({'; '.join(diffs)})",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ state dicts
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: averages and copies by name, time, counters, config.
+
+        Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``. The tensors
+        share memory with the average.
+        """
+        return {
+            "format": self._format,
+            "version": STATE_VERSION,
+            "t": self.t,
+            "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
+            "config": self._config(),
+            "averages": [self._storage.state_tensors(k) for k in range(self._num_profiles)],
+            "copies": dict(self._storage.copies),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; continuing gives bit-identical results to never stopping.
+
+        Everything is checked before anything changes: a wrong format, a missing or
+        unexpected name or a wrong shape raises and leaves the average as it was. This
+        object's own settings (schedule, dtype, device) are kept; stored settings that
+        differ are reported with a warning.
+        """
+        where = f"{self._owner}.load_state_dict"
+        self._assert_not_swapped("load_state_dict")
+        t, counts = self._check_header(where, state_dict)
+        averages = state_dict.get("averages")
+        if not isinstance(averages, (list, tuple)) or len(averages) != self._num_profiles:
+            raise ValueError(
+                f"{where}: 'averages' must be a list of {self._num_profiles} name -> tensor mappings "
+                f"(one per profile), got {type(averages).__name__}"
+                f"{f' of {len(averages)}' if isinstance(averages, (list, tuple)) else ''}"
+            )
+        for profile in averages:
+            self._check_tensor_state(where, profile, state_dict.get("copies"))
+        for k, profile in enumerate(averages):
+            self._load_tensors(where, k, profile, state_dict["copies"])
+        self._set_time(t, counts)
+
+    def _set_time(self, t: float, counts: dict[str, int]) -> None:
+        self.t = t
+        self.num_updates = counts["num_updates"]
+        self.num_skipped = counts["num_skipped"]
+
+    def _check_header(self, where: str, state_dict: Mapping[str, Any]) -> tuple[float, dict[str, int]]:
+        """Check everything but the tensors; returns ``(t, counters)``."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{where}: expected a mapping, got {type(state_dict).__name__}")
+        if state_dict.get("format") != self._format:
+            hint = " (a model state dict? use load_averaged_state_dict)" if "format" not in state_dict else ""
+            raise ValueError(
+                f"{where}: not a {self._owner} state dict: format={state_dict.get('format')!r}, "
+                f"expected {self._format!r}{hint}"
+            )
+        version = state_dict.get("version")
+        if not isinstance(version, int) or version > STATE_VERSION:
+            raise ValueError(
+                f"{where}: state dict version {version!r} is not supported (this emakit reads up to {STATE_VERSION})"
+            )
+        t = check_time(where, state_dict.get("t"))
+        counts = {}
+        for key in ("num_updates", "num_skipped"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}: {key} must be an int >= 0, got {key}={value!r}")
+            counts[key] = value
+        stored = state_dict.get("config", {})
+        if not isinstance(stored, Mapping):
+            raise ValueError(f"{where}: 'config' must be a mapping, got {type(stored).__name__}")
+        self._check_config(where, stored)
+        return t, counts
+
+    def _check_tensor_state(self, where: str, averages: Mapping[str, Any], copies: Mapping[str, Any]) -> None:
+        """Raise naming the first key whose presence, type or shape does not match."""
+        flat = self._storage.flat_names()
+        for label, given, expected in (
+            ("averages", averages, self._storage.state_tensors(0)),
+            ("copies", copies, self._storage.copies),
+        ):
+            if not isinstance(given, Mapping):
+                raise TypeError(f"{where}: {label!r} must be a mapping of name -> tensor, got {type(given).__name__}")
+            for name in expected:
+                if name not in given:
+                    raise KeyError(f"{where}: missing tensor {name!r} in {label!r}")
+            for name, value in given.items():
+                if name not in expected:
+                    raise KeyError(
+                        f"{where}: unexpected tensor {name!r} in {label!r}; this {self._owner} does not track it"
+                    )
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"{where}: {label}[{name!r}] must be a tensor, got {type(value).__name__}")
+                if value.shape != expected[name].shape and value.shape != flat.get(name):
+                    raise ValueError(
+                        f"{where}: {label}[{name!r}] has shape {tuple(value.shape)}, expected "
+                        f"{tuple(expected[name].shape)}"
+                    )
+
+    @torch.no_grad()
+    def _load_tensors(self, where: str, k: int, averages: Mapping[str, Tensor], copies: Mapping[str, Tensor]) -> None:
+        storage = self._storage
+        cast = sorted({str(averages[n].dtype) for n, v, _, _ in storage.tensors(k) if averages[n].dtype != v.dtype})
+        if cast:
+            warnings.warn(
+                f"{where}: averages stored as {', '.join(cast)} were cast to this {self._owner}'s "
+                f"dtype; its precision is unchanged",
+                stacklevel=3,
+            )
+        for name, view, group, i in storage.tensors(k):
+            value = averages[name]
+            layout = group.layouts[i]
+            if layout is not None:
+                value = layout.local_of(value)  # this rank's part (resharded if saved otherwise)
+            elif distributed.is_dtensor(value):
+                value = value.full_tensor()
+            if value.data_ptr() != view.data_ptr() or value.stride() != view.stride():
+                view.copy_(value)  # (DCP loads in place: then the value *is* the view)
+        for name, stored in storage.copies.items():
+            value = copies[name]
+            stored.copy_(value.full_tensor() if distributed.is_dtensor(value) else value)
+
+    # ------------------------------------------------------------------ saving itself (DCP)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save this average as a ``torch.distributed.checkpoint`` directory at ``path``.
+
+        Works in one process and in a distributed run, where it is collective: call it on
+        every rank with the same path; each rank writes only the parts it holds (nothing is
+        gathered). Written under a hidden name and renamed when complete; an existing path
+        is never replaced. Resume with :meth:`load`, on any number of ranks. To save the
+        average inside your own checkpoint instead, put the object in the dict given to
+        ``dcp.save`` (it is a DCP ``Stateful``).
+        """
+        self._assert_not_swapped("save")
+        return _dcp.save_atomic(f"{self._owner}.save", self.state_dict(), Path(path))
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Resume from a :meth:`save` directory, written by any number of ranks (resharded on load).
+
+        Collective in a distributed run. Format, settings, names and shapes are checked
+        against the checkpoint's metadata before any tensor is read; then each rank reads
+        its own parts straight into the averages. DCP metadata is pickled: load only
+        checkpoints you trust.
+        """
+        where = f"{self._owner}.load"
+        self._assert_not_swapped("load")
+        path = Path(path)
+        meta = _dcp.read_metadata(where, path).state_dict_metadata
+        t, counts = self._check_header(where, _read_dcp_header(path, meta))
+        state = self.state_dict()
+        tensors = {f"averages.{k}.{n}": v for k, profile in enumerate(state["averages"]) for n, v in profile.items()}
+        tensors.update({f"copies.{n}": v for n, v in state["copies"].items()})
+        for key, tensor in tensors.items():
+            size = getattr(meta.get(key), "size", None)
+            if size is None:
+                raise KeyError(f"{where}: {path} holds no tensor {key!r}; it was saved from another model or average")
+            if tuple(size) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{where}: {path} holds {key!r} with shape {tuple(size)}, expected {tuple(tensor.shape)}"
+                )
+        # Each rank reads its own parts straight into the averages (they share memory with ``state``).
+        _dcp.load(state, path)
+        self._set_time(t, counts)
+
+
+def _read_dcp_header(path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The small entries of a DCP checkpoint (format, version, time, counters, settings) as a header."""
+    keys = [k for k in meta if k in _HEADER or k.startswith("config.")]
+    small: dict[str, Any] = dict.fromkeys(keys)
+    _dcp.load(small, path, flatten=False)
+    header = {k: v for k, v in small.items() if not k.startswith("config.")}
+    header["config"] = {k.removeprefix("config."): v for k, v in small.items() if k.startswith("config.")}
+    return header
