@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import _swap, _update, distributed
 from ._binding import Binder, Binding
 from ._checkpoint import Checkpointing
 from ._model import model_slots
-from ._storage import BUFFER_MODES, Group, Storage, plan
+from ._storage import BUFFER_MODES, Group, Storage, default_placement, plan
 from ._time import check_decay, next_time
 
 
@@ -63,24 +65,27 @@ class _Averager(Checkpointing):
         self._owner = owner
         self._model = model
         self._buffers_mode = buffers
+        self._dtype = dtype
         self._device = torch.device(device) if device is not None else None
+        self._rows_mesh = rows_mesh
         self._swapped = False
 
         distributed.reshard(model)  # FSDP2: the sharded parameters are the ones registered
         self._slots, self._aliases = model_slots(model)
         self._spec, tensors = plan(owner, self._slots, include, buffers)
-        self._storage = Storage(
-            owner,
-            self._spec,
-            tensors,
-            lambda name: self._slots[name].is_param,
-            len(schedules),
-            dtype=dtype,
-            device=self._device,
-            rows_mesh=rows_mesh,
-        )
-        self._binder = Binder(owner, self._storage, self._slots, rows_mesh)
         self._num_profiles = len(schedules)
+        self._set_storage(
+            Storage(
+                owner,
+                self._spec,
+                tensors,
+                self._is_param,
+                self._num_profiles,
+                placement=default_placement(dtype, self._device),
+                copies_device=lambda name, t: self._device or t.device,
+                rows_mesh=rows_mesh,
+            )
+        )
         self._schedules = list(schedules)
         self.skip_nonfinite = bool(skip_nonfinite)
         #: Time of the last update, in the caller's unit (0 at construction).
@@ -89,6 +94,51 @@ class _Averager(Checkpointing):
         self.num_updates = 0
         self.num_skipped = 0
 
+    def _is_param(self, name: str) -> bool:
+        return self._slots[name].is_param
+
+    def _set_storage(self, storage: Storage) -> None:
+        self._storage = storage
+        self._binder = Binder(self._owner, storage, self._slots, self._rows_mesh)
+        # Frozen parameters: averaged from the moment they are trainable (see _watch_frozen).
+        self._frozen = [(n, self._slots[n].table, self._slots[n].attr) for n in self._spec.frozen]
+        self._watch_frozen()
+
+    def _watch_frozen(self) -> None:
+        """Look for frozen parameters that became trainable just before every optimizer step.
+
+        A parameter unfrozen in the training loop is stepped by the optimizer before the next
+        ``update()``; its average so far is its value *before* that step (the average of a
+        constant is that constant), so it must be taken then: a step pre-hook of every
+        ``torch.optim`` optimizer does it, one attribute read per frozen parameter and no
+        host synchronisation. ``update()`` checks too when no optimizer step ran since the
+        last update (other optimizers, hand-written steps): then the average starts from the
+        value the parameter has at that update. The hook is removed once nothing is frozen
+        or when this object is garbage collected.
+        """
+        self._checked_frozen = False
+        hook = getattr(self, "_frozen_hook", None)
+        if self._frozen and hook is None:
+            ref = weakref.ref(self)
+
+            def before_step(optimizer, args, kwargs) -> None:
+                averager = ref()
+                if averager is not None:
+                    averager._promote_unfrozen()
+                    averager._checked_frozen = True
+
+            handle = register_optimizer_step_pre_hook(before_step)
+            self._frozen_hook = weakref.finalize(self, handle.remove)
+        elif not self._frozen and hook is not None:
+            hook()  # removes the hook
+            self._frozen_hook = None
+
+    def _promote_unfrozen(self) -> None:
+        for _, table, attr in self._frozen:
+            if table[attr].requires_grad:
+                self._promote([n for n, tbl, a in self._frozen if tbl[a].requires_grad])
+                return
+
     # ------------------------------------------------------------------ the update
 
     def _advance(self, model: nn.Module | None, t: float | None, dt: float | None) -> list[float]:
@@ -96,6 +146,9 @@ class _Averager(Checkpointing):
         self._assert_not_swapped("update")
         new_t, step = next_time(self._owner, self.t, t, dt)
         decays = [check_decay(self._owner, s, new_t, step) for s in self._schedules]
+        if self._frozen and not self._checked_frozen:
+            self._promote_unfrozen()  # no optimizer step ran since the last update (see _watch_frozen)
+        self._checked_frozen = False
         binding = self._binder.fresh(self._model if model is None else model)
         if self.skip_nonfinite and not _update.all_finite(binding):
             warnings.warn(
@@ -110,6 +163,56 @@ class _Averager(Checkpointing):
             self.num_updates += 1
         self.t = new_t
         return decays
+
+    def _promote(self, names: list[str]) -> None:
+        """Average ``names`` from now on: frozen parameters that became trainable.
+
+        Every profile starts at the parameter's current value, which is exactly its average so
+        far: the average of a constant is that constant.
+        """
+        if not names:
+            return
+        tensors = {n: self._slots[n].get() for n in names}
+        self._storage.add(names, tensors, self._is_param, default_placement(self._dtype, self._device))
+        for n in names:
+            self._spec.live.remove(n)
+            self._spec.frozen.remove(n)
+            self._spec.average.append(n)
+        self._set_storage(self._storage)  # new groups: bindings are made again
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """Move or cast the averages (and copied tensors), like ``nn.Module.to``; returns ``self``.
+
+        ``device=None`` keeps each average where it is, ``dtype=None`` keeps its precision. The
+        averages are also planned again against the model as it is now: after ``model.to(...)``
+        or ``accelerator.prepare(model)``, ``ema.to(device)`` moves them along, and ``ema.to()``
+        keeps them where they are and reads the moved weights from there. Values are copied
+        exactly (cast only when ``dtype`` asks). Holds the old and the new averages at once
+        while copying. Nothing changes when it raises (e.g. a model sharded differently).
+        """
+        self._assert_not_swapped("to")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{self._owner}.to: dtype must be a floating torch.dtype or None, got dtype={dtype!r}")
+        device = torch.device(device) if device is not None else None
+        old = self._storage
+        where = {name: (view.dtype, view.device) for name, view, _, _ in old.tensors(0)}
+        distributed.reshard(self._model)
+        tensors = {n: self._slots[n].get() for n in (*self._spec.average, *self._spec.copy)}
+        new = Storage(
+            self._owner,
+            self._spec,
+            tensors,
+            self._is_param,
+            self._num_profiles,
+            placement=lambda name, t, local: (dtype or where[name][0], device or where[name][1]),
+            copies_device=lambda name, t: device or old.copies[name].device,
+            rows_mesh=self._rows_mesh,
+        )
+        _copy_storage(self._owner, old, new)
+        self._set_storage(new)
+        self._dtype = dtype or self._dtype
+        self._device = device or self._device
+        return self
 
     def _assert_not_swapped(self, what: str) -> None:
         if self._swapped:
@@ -156,3 +259,22 @@ class _Averager(Checkpointing):
                 yield
             finally:
                 self._swapped = False
+
+
+@torch.no_grad()
+def _copy_storage(owner: str, old: Storage, new: Storage) -> None:
+    """Every average and copy of ``old`` into ``new`` (by name; cast and moved as ``new`` holds them)."""
+    values = {name: view for name, view, _, _ in old.tensors(0)}
+    for name, view, _, _ in new.tensors(0):
+        if values[name].shape != view.shape:
+            raise ValueError(
+                f"{owner}.to: this rank now holds a part of shape {tuple(view.shape)} of tensor {name!r}, "
+                f"the average one of {tuple(values[name].shape)}: the model is sharded differently than when "
+                f"the average was created (load a checkpoint into a new average to change the sharding)"
+            )
+    for k in range(old.num_profiles):
+        values = {name: view for name, view, _, _ in old.tensors(k)}
+        for name, view, _, _ in new.tensors(k):
+            view.copy_(values[name])
+    for name, stored in new.copies.items():
+        stored.copy_(old.copies[name])

@@ -131,7 +131,8 @@ class Binder:
         if t.dtype != group.source_dtype:
             raise ValueError(
                 f"{owner}: tensor {slot.name!r} has dtype {t.dtype} in the model, expected "
-                f"{group.source_dtype} (the dtype it had when the average was created)"
+                f"{group.source_dtype} (the dtype it had when the average was created); if the model was cast "
+                f"on purpose, call .to() on the {owner} to read the cast weights (its averages keep {group.dtype})"
             )
         if local.shape != group.shapes[i]:
             raise ValueError(
@@ -141,7 +142,10 @@ class Binder:
             )
         if local.device != group.source_device:
             raise ValueError(
-                f"{owner}: tensor {slot.name!r} is on {local.device} in the model, expected {group.source_device}"
+                f"{owner}: tensor {slot.name!r} is on {local.device} in the model, expected {group.source_device}: "
+                f"the model was moved after this {owner} was built (model.to(...), accelerator.prepare(model)). "
+                f"Call .to({str(local.device)!r}) on the {owner} to move its averages along, or .to() to keep "
+                f"them on {group.device} and read the moved weights; or build the {owner} after moving the model"
             )
         return local
 

@@ -6,9 +6,11 @@ the storage. Every check runs before anything is written, so a rejected checkpoi
 the average as it was.
 
 :class:`Checkpointing` is a mixin of :class:`emakit._averager._Averager`. It uses the
-host's ``_owner``, ``_format``, ``_storage``, ``_num_profiles``, ``_buffers_mode``, ``t``,
-``num_updates``, ``num_skipped`` and ``_assert_not_swapped``, and sets only ``t`` and the counters besides
-the averages' values. It never touches the model or its binding.
+host's ``_owner``, ``_format``, ``_storage``, ``_num_profiles``, ``_buffers_mode``, ``_spec``,
+``_slots``, ``t``, ``num_updates``, ``num_skipped``, ``_assert_not_swapped`` and ``_promote``
+(a checkpoint that averages a parameter that is frozen here makes it averaged from then on),
+and sets only ``t`` and the counters besides the averages' values. It never writes to the
+model or touches its binding.
 """
 
 from __future__ import annotations
@@ -98,8 +100,10 @@ class Checkpointing:
                 f"(one per profile), got {type(averages).__name__}"
                 f"{f' of {len(averages)}' if isinstance(averages, (list, tuple)) else ''}"
             )
+        promoted = self._promotable(averages[0] if averages and isinstance(averages[0], Mapping) else {})
         for profile in averages:
-            self._check_tensor_state(where, profile, state_dict.get("copies"))
+            self._check_tensor_state(where, profile, state_dict.get("copies"), promoted)
+        self._promote(promoted)
         for k, profile in enumerate(averages):
             self._load_tensors(where, k, profile, state_dict["copies"])
         self._set_time(t, counts)
@@ -137,11 +141,19 @@ class Checkpointing:
         self._check_config(where, stored)
         return t, counts
 
-    def _check_tensor_state(self, where: str, averages: Mapping[str, Any], copies: Mapping[str, Any]) -> None:
+    def _promotable(self, names) -> list[str]:
+        """The frozen parameters among ``names``: averaged in the checkpoint, so averaged here from now on."""
+        return [n for n in self._spec.frozen if n in names]
+
+    def _check_tensor_state(
+        self, where: str, averages: Mapping[str, Any], copies: Mapping[str, Any], promoted: list[str] = ()
+    ) -> None:
         """Raise naming the first key whose presence, type or shape does not match."""
         flat = self._storage.flat_names()
+        expected_averages = self._storage.state_tensors(0)
+        expected_averages.update({n: self._slots[n].get() for n in promoted})
         for label, given, expected in (
-            ("averages", averages, self._storage.state_tensors(0)),
+            ("averages", averages, expected_averages),
             ("copies", copies, self._storage.copies),
         ):
             if not isinstance(given, Mapping):
@@ -213,9 +225,11 @@ class Checkpointing:
         path = Path(path)
         meta = _dcp.read_metadata(where, path).state_dict_metadata
         t, counts = self._check_header(where, _read_dcp_header(path, meta))
+        promoted = self._promotable({k.removeprefix("averages.0.") for k in meta if k.startswith("averages.0.")})
         state = self.state_dict()
         tensors = {f"averages.{k}.{n}": v for k, profile in enumerate(state["averages"]) for n, v in profile.items()}
         tensors.update({f"copies.{n}": v for n, v in state["copies"].items()})
+        tensors.update({f"averages.{k}.{n}": self._slots[n].get() for k in range(self._num_profiles) for n in promoted})
         for key, tensor in tensors.items():
             size = getattr(meta.get(key), "size", None)
             if size is None:
@@ -224,6 +238,8 @@ class Checkpointing:
                 raise ValueError(
                     f"{where}: {path} holds {key!r} with shape {tuple(size)}, expected {tuple(tensor.shape)}"
                 )
+        self._promote(promoted)
+        state = self.state_dict()
         # Each rank reads its own parts straight into the averages (they share memory with ``state``).
         _dcp.load(state, path)
         self._set_time(t, counts)

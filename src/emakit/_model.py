@@ -8,6 +8,7 @@ dicts carry the plain model's keys.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -90,3 +91,40 @@ def is_float(t: Tensor) -> bool:
 def default_average_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision weights (an fp16/bf16 average at decay 0.9999 never moves), else the same."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def key_mismatch_message(given: Iterable[str], expected: Iterable[str], shown: int = 3) -> str:
+    """What differs between two lists of state-dict keys, and the prefix to strip when that explains it.
+
+    >>> key_mismatch_message(["ema_model.fc.weight", "ema_model.fc.bias"], ["fc.weight", "fc.bias"])
+    "2 of 2 expected keys missing (first: ['fc.weight', 'fc.bias']); 2 keys not expected (first: ['ema_model.fc.weight', 'ema_model.fc.bias']); the given keys start with 'ema_model.': strip it"
+    """
+    given, expected = list(given), list(expected)
+    given_set, expected_set = set(given), set(expected)
+    missing = [k for k in expected if k not in given_set]
+    unexpected = [k for k in given if k not in expected_set]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {len(expected)} expected keys missing (first: {missing[:shown]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys not expected (first: {unexpected[:shown]})")
+    prefix = _common_extra_prefix(unexpected, missing)
+    if prefix:
+        parts.append(f"the given keys start with {prefix!r}: strip it")
+    elif missing and not unexpected:
+        parts.append(f"first keys given: {given[:shown]}, expected: {expected[:shown]}")
+    return "; ".join(parts)
+
+
+def _common_extra_prefix(unexpected: list[str], missing: list[str]) -> str | None:
+    """The prefix that, stripped from the unexpected keys, yields missing ones (the most frequent such)."""
+    wanted = set(missing)
+    counts: dict[str, int] = {}
+    for key in unexpected:
+        for i in range(1, len(key)):
+            if key[i - 1] == "." and key[i:] in wanted:
+                counts[key[:i]] = counts.get(key[:i], 0) + 1
+                break
+    if not counts:
+        return None
+    return max(counts, key=counts.__getitem__)

@@ -36,6 +36,8 @@ class Spec:
     average: list[str] = field(default_factory=list)
     copy: list[str] = field(default_factory=list)
     live: list[str] = field(default_factory=list)  # read from the model when needed (frozen, excluded)
+    frozen: list[str] = field(default_factory=list)  # the live floating parameters ``include`` accepts:
+    # averaged from the moment they become trainable (see _Averager._promote)
 
 
 def plan(
@@ -45,7 +47,8 @@ def plan(
 
     Trainable floating parameters are averaged; floating buffers too unless ``buffers="copy"``;
     integer and bool buffers are copied; frozen parameters and tensors ``include`` rejects
-    stay in the model.
+    stay in the model (frozen floating parameters are listed in ``spec.frozen`` too: they are
+    averaged once they become trainable).
     """
     spec = Spec()
     tensors: dict[str, Tensor] = {}
@@ -54,6 +57,8 @@ def plan(
         included = include is None or bool(include(name))
         if slot.is_param:
             kind = "average" if (included and t.requires_grad and is_float(t)) else "live"
+            if kind == "live" and included and is_float(t):
+                spec.frozen.append(name)
         elif not included:
             kind = "live"
         elif is_float(t) and buffers == "average":
@@ -158,11 +163,21 @@ class Group:
 # --------------------------------------------------------------------------- the storage
 
 
+#: Where an average lives: ``placement(name, model tensor, local part) -> (dtype, device)``.
+Placement = Callable[[str, Tensor, Tensor], tuple[torch.dtype, torch.device]]
+
+
+def default_placement(dtype: torch.dtype | None, device: torch.device | None) -> Placement:
+    """``dtype`` (default: fp32 for half-precision weights, else theirs) on ``device`` (default: the weights')."""
+    return lambda name, t, local: (dtype or default_average_dtype(t.dtype), device or local.device)
+
+
 class Storage:
     """``K`` averages of the tensors ``spec.average`` names, and copies of ``spec.copy``.
 
     Averages are grouped and stored flat (see :class:`Group`); copies are plain tensors by
-    name. Everything is allocated here, at construction; the update allocates nothing.
+    name. Everything is allocated here, at construction or by :meth:`add`; the update
+    allocates nothing.
     """
 
     def __init__(
@@ -173,31 +188,38 @@ class Storage:
         is_param: Callable[[str], bool],
         num_profiles: int,
         *,
-        dtype: torch.dtype | None,
-        device: torch.device | None,
+        placement: Placement,
+        copies_device: Callable[[str, Tensor], torch.device],
         rows_mesh,
     ) -> None:
         self.owner = owner
         self.num_profiles = num_profiles
         self.groups: list[Group] = []
         self._scratch: dict[tuple, Tensor] = {}
+        self._rows_mesh = rows_mesh
+        self.add(spec.average, tensors, is_param, placement)
+        with torch.no_grad():
+            #: Copied (not averaged) tensors by name: integer buffers, float buffers with buffers="copy".
+            self.copies: dict[str, Tensor] = {
+                name: tensors[name].detach().to(copies_device(name, tensors[name]), copy=True) for name in spec.copy
+            }
+
+    def add(
+        self, names: list[str], tensors: dict[str, Tensor], is_param: Callable[[str], bool], placement: Placement
+    ) -> None:
+        """Average ``names`` too, every profile starting at the tensor's current value (new groups)."""
         grouped: dict[tuple, list[str]] = {}
         local: dict[str, Tensor] = {}
         layouts: dict[str, distributed.Layout | None] = {}
-        for name in spec.average:
+        for name in names:
             t = tensors[name]
-            kind, layouts[name], local[name] = distributed.classify(t, rows_mesh)
-            avg_dtype = dtype or default_average_dtype(t.dtype)
-            avg_device = device or local[name].device
+            kind, layouts[name], local[name] = distributed.classify(t, self._rows_mesh)
+            avg_dtype, avg_device = placement(name, t, local[name])
             key = (kind, is_param(name), t.dtype, local[name].device, avg_dtype, avg_device)
             grouped.setdefault(key, []).append(name)
         with torch.no_grad():
-            for key, names in grouped.items():
-                self.groups.append(self._make_group(key, names, local, [layouts[n] for n in names]))
-            #: Copied (not averaged) tensors by name: integer buffers, float buffers with buffers="copy".
-            self.copies: dict[str, Tensor] = {
-                name: tensors[name].detach().to(device or tensors[name].device, copy=True) for name in spec.copy
-            }
+            for key, group_names in grouped.items():
+                self.groups.append(self._make_group(key, group_names, local, [layouts[n] for n in group_names]))
 
     # ------------------------------------------------------------------ building
 

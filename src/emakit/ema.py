@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from . import schedules
 from ._averager import _Averager
-from ._model import normalize_name
-from ._time import check_time
+from ._model import key_mismatch_message, normalize_name
+from ._time import check_decay, check_time
 
 __all__ = ["EMA"]
 
@@ -168,7 +168,13 @@ class EMA(_Averager):
         Accepts a model ``state_dict`` (keys with or without ``module.`` / ``_orig_mod.``
         prefixes) or a checkpoint holding one under ``"state_dict_ema"`` (timm). Keys the EMA
         does not store (frozen tensors) are ignored. Time is set to ``t`` when given, else
-        kept.
+        kept. Checkpoints of other EMA libraries: :func:`emakit.migrate.load`.
+
+        Give ``t`` (the time the average was built to, e.g. the other library's step count)
+        when the schedule depends on time: an import at ``t=0`` under a warm-up, power or
+        ``start_at`` schedule would be wiped by the next update, whose decay is 0 there. That
+        case raises instead, before anything changes; so do missing keys (the error shows the
+        first keys given and expected, and the prefix to strip when that explains them).
         """
         where = "EMA.load_averaged_state_dict"
         self._assert_not_swapped("load_averaged_state_dict")
@@ -178,10 +184,29 @@ class EMA(_Averager):
             state_dict = state_dict["state_dict_ema"]
         if t is not None:
             t = check_time(where, t)
+        self._check_import_survives(where, self.t if t is None else t, t is None)
         named = {normalize_name(k): v for k, v in state_dict.items()}
-        averages = {n: named[n] for n in self._spec.average if n in named}
-        copies = {n: named[n] for n in self._spec.copy if n in named}
+        wanted = [*self._spec.average, *self._spec.copy]
+        missing = [n for n in wanted if n not in named]
+        if missing:
+            raise KeyError(f"{where}: {missing[0]!r} is missing; {key_mismatch_message(list(named), wanted)}")
+        averages = {n: named[n] for n in self._spec.average}
+        copies = {n: named[n] for n in self._spec.copy}
         self._check_tensor_state(where, averages, copies)
         self._load_tensors(where, 0, averages, copies)
         if t is not None:
             self.t = t
+
+    def _check_import_survives(self, where: str, t: float, t_missing: bool) -> None:
+        """Raise if the update after an import at time ``t`` has decay 0 (it would replace the import)."""
+        decay = check_decay(self._owner, self.schedule, t + 1, 1)
+        if decay == 0:
+            hint = (
+                "pass t= the time the average was built to (e.g. the other library's step count)"
+                if t_missing
+                else "pass the time the average was built to"
+            )
+            raise ValueError(
+                f"{where}: at t={t} the next update has decay 0 under {self.schedule!r} (it copies the model), "
+                f"which would replace the imported average; {hint}"
+            )

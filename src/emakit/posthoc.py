@@ -129,9 +129,16 @@ def list_snapshots(directory: str | os.PathLike) -> list[SnapshotInfo]:
 
 
 def _check_same_run(infos: Sequence[SnapshotInfo]) -> None:
+    """Raise unless the snapshots come from one model: the same copied tensors, and every shape agrees.
+
+    A parameter may be averaged in later snapshots only: it became trainable during the run.
+    Earlier snapshots hold it as static (its value then is its average) or, when saved with
+    ``static=False``, not at all (reconstruction then says which snapshot lacks it).
+    """
     first = infos[0]
     for info in infos[1:]:
-        if info.shapes != first.shapes or info.averaged != first.averaged or info.copied != first.copied:
+        common = info.shapes.keys() & first.shapes.keys()
+        if info.copied != first.copied or any(info.shapes[n] != first.shapes[n] for n in common):
             diff = sorted(set(info.shapes.items()) ^ set(first.shapes.items()))
             detail = f"first difference: {diff[0][0]!r}" if diff else "tensor lists differ"
             raise SnapshotError(
@@ -371,13 +378,17 @@ def _weighted_sums(solutions: Sequence[Solution], reader_for, bar) -> list[dict[
     # Accumulate in fp32 at least (snapshots may be fp16/bf16), cast at the end.
     acc_dtype = torch.promote_types(torch.float32, used[-1].dtype)
     sums: list[dict[str, Tensor]] = [{} for _ in solutions]
+    names = used[-1].averaged
     for i, info in enumerate(used):
-        items = [(j, name) for j in range(info.num_profiles) for name in info.averaged]
-        order = [f"avg.{j}/{name}" for j, name in items]
-        reader = reader_for(info, order)
+        items = [(j, name) for j in range(info.num_profiles) for name in names]
+        order = [_average_key(info, j, name) for j, name in items]
+        reader = reader_for(info, list(dict.fromkeys(order)))
         try:
+            values: dict[str, Tensor] = {}
             for (j, name), key in zip(items, order):
-                x = reader.get(key).to(acc_dtype)
+                x = values[key] if key in values else reader.get(key).to(acc_dtype)
+                if key.startswith("static/"):
+                    values[key] = x  # a parameter frozen at that time: its value is every profile's average
                 for sol, acc in zip(solutions, sums):
                     w = sol.weights[i][j]
                     if name in acc:
@@ -390,6 +401,19 @@ def _weighted_sums(solutions: Sequence[Solution], reader_for, bar) -> list[dict[
         finally:
             reader.close()
     return sums
+
+
+def _average_key(info: SnapshotInfo, j: int, name: str) -> str:
+    """Where snapshot ``info`` holds profile ``j``'s average of ``name``."""
+    if name in info.averaged:
+        return f"avg.{j}/{name}"
+    if name in info.static:
+        return f"static/{name}"
+    raise SnapshotError(
+        f"{info.path}: holds no average of {name!r}, which later snapshots average (it was frozen at "
+        f"t={info.t:g} and saved with static=False); reconstruct at a t whose snapshots all average it, or "
+        f"save snapshots with static=True"
+    )
 
 
 def _state_dict(
