@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "_binding": 3,
     "_update": 4,
     "_swap": 4,
+    "_module_view": 4,
     "snapshots": 3,
     "_checkpoint": 3,
     "_averager": 5,

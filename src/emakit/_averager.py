@@ -16,6 +16,7 @@ group on the storage's precomputed views.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from . import _swap, _update, distributed
+from . import _module_view, _swap, _update, distributed
 from ._binding import Binder, Binding
 from ._checkpoint import Checkpointing
 from ._model import model_slots
@@ -100,6 +101,10 @@ class _Averager(Checkpointing):
     def _set_storage(self, storage: Storage) -> None:
         self._storage = storage
         self._binder = Binder(self._owner, storage, self._slots, self._rows_mesh)
+        views = getattr(self, "_views", None)
+        self._views: weakref.WeakKeyDictionary[nn.Module, int] = views if views is not None else weakref.WeakKeyDictionary()
+        for view, k in list(self._views.items()):
+            _module_view.refill(view, storage, k, self._aliases)  # module views stay current
         # Frozen parameters: averaged from the moment they are trainable (see _watch_frozen).
         self._frozen = [(n, self._slots[n].table, self._slots[n].attr) for n in self._spec.frozen]
         self._watch_frozen()
@@ -244,6 +249,11 @@ class _Averager(Checkpointing):
     def _averaged_state_dict(self, k: int, dtype: str, full: bool = False) -> dict[str, Tensor]:
         return _swap.averaged_state_dict(self._owner, self._storage, self._model, self._aliases, k, dtype, full)
 
+    def _averaged_module(self, k: int) -> nn.Module:
+        view = _module_view.build(self._owner, self._model, self._storage, k, self._aliases)
+        self._views[view] = k
+        return view
+
     def _copy_to(self, model: nn.Module | None, k: int) -> None:
         self._assert_not_swapped("copy_to")
         _swap.copy_into(self._storage, self._binder.make(self._model if model is None else model), k)
@@ -251,6 +261,7 @@ class _Averager(Checkpointing):
     @contextlib.contextmanager
     def _swap(self, model: nn.Module | None, k: int, backup_device: torch.device | str | None) -> Iterator[None]:
         self._assert_not_swapped("swapped")
+        _warn_if_frozen_graphs(self._owner)
         target = self._model if model is None else model
         binding = self._binder.fresh(target)
         with _swap.swapped(self._storage, binding, target, k, backup_device):
@@ -259,6 +270,30 @@ class _Averager(Checkpointing):
                 yield
             finally:
                 self._swapped = False
+
+
+def _warn_if_frozen_graphs(owner: str) -> None:
+    """``swapped()`` cannot reach weights that inductor's ``freezing=True`` baked into compiled graphs."""
+    config = sys.modules.get("torch._inductor.config")
+    if config is not None and getattr(config, "freezing", False):
+        warnings.warn(
+            f"{owner}.swapped(): torch._inductor.config.freezing is on, so graphs compiled from this model hold "
+            f"its weights as constants and do not see the swap: a compiled forward inside would use the raw "
+            f"weights. Evaluate the uncompiled model, or compile averaged_module() on its own",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def outside_compiled_graphs(update: Callable) -> Callable:
+    """Run ``update`` eagerly when a ``torch.compile``'d function calls it: one graph break there.
+
+    Time and decays stay host numbers that no graph sees, so a schedule whose decay changes at
+    every step causes no recompiles. torch's lazy form of ``torch.compiler.disable`` is used:
+    ``torch._dynamo`` loads on the first call (creating any torch optimizer loads it anyway).
+    """
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(update) if lazy is not None else torch.compiler.disable(update)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import schedules
-from ._averager import _Averager
+from ._averager import _Averager, outside_compiled_graphs
 from ._model import key_mismatch_message, normalize_name
 from ._time import check_decay, check_time
 
@@ -111,6 +111,7 @@ class EMA(_Averager):
 
     # ------------------------------------------------------------------ update
 
+    @outside_compiled_graphs
     def update(self, model: nn.Module | None = None, *, t: float | None = None, dt: float | None = None) -> float:
         """Move the average toward the model's current weights; returns the decay used.
 
@@ -138,6 +139,25 @@ class EMA(_Averager):
         every rank; no rank ever holds more than one full tensor besides rank 0's result.
         """
         return self._averaged_state_dict(0, dtype, full)
+
+    def averaged_module(self) -> nn.Module:
+        """An ``nn.Module`` of the model's class whose tensors *are* the averages: no copy, always current.
+
+        For evaluation, teacher / self-distillation forwards, ``torch.compile`` and
+        checkpoint savers that want a module (its ``state_dict()`` has the plain model's
+        keys). Averaged parameters and buffers are the EMA's own memory (so in its dtype: fp32
+        for a bf16 model), integer buffers the EMA's copies, frozen and excluded tensors the
+        model's own (shared). Built without ``deepcopy`` (works on modules that refuse it):
+        each submodule is a new object of its class sharing the original's other attributes;
+        it adds that much memory and no tensor. It stays in eval mode and refuses ``train()``:
+        a train-mode forward would write BatchNorm statistics into the averages. Not for
+        sharded averages (FSDP2, ZeRO-3, ``shard=True``): no rank holds a whole module.
+
+            teacher = ema.averaged_module()
+            with torch.no_grad():
+                target = teacher(x)       # the averaged weights of this very moment
+        """
+        return self._averaged_module(0)
 
     def swapped(self, model: nn.Module | None = None, *, backup_device: torch.device | str | None = None):
         """Context manager: the model holds the averaged weights inside, its own ones after.

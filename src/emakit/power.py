@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, schedules, snapshots
-from ._averager import _Averager
+from ._averager import _Averager, outside_compiled_graphs
 from ._model import normalize_name
 
 __all__ = ["PowerEMA"]
@@ -113,6 +113,7 @@ class PowerEMA(_Averager):
             f"averaged={len(self._spec.average)} tensors / {numel} elements per profile)"
         )
 
+    @outside_compiled_graphs
     def update(self, model: nn.Module | None = None, *, t: float | None = None, dt: float | None = None) -> tuple:
         """Move every profile toward the model's current weights; returns their decays.
 
@@ -144,6 +145,10 @@ class PowerEMA(_Averager):
     ) -> dict[str, Tensor]:
         """The model's state dict with profile ``sigma_rel``'s averages (see :meth:`emakit.EMA.averaged_state_dict`)."""
         return self._averaged_state_dict(self._index("averaged_state_dict", sigma_rel), dtype, full)
+
+    def averaged_module(self, sigma_rel: float | None = None) -> nn.Module:
+        """Profile ``sigma_rel``'s averages as a module of the model's class (see :meth:`emakit.EMA.averaged_module`)."""
+        return self._averaged_module(self._index("averaged_module", sigma_rel))
 
     def swapped(
         self,
