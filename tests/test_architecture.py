@@ -21,6 +21,10 @@ LAYERS: dict[str, int] = {
     "_model": 0,
     "_time": 0,
     "_atomic": 0,
+    "_peer_schedules": 1,
+    "_peer_options": 2,
+    "_peer_formats": 1,
+    "_peer_checkpoints": 2,
     # process groups, DTensors, engines; DCP files; the contiguous-parameters helper
     "distributed": 1,
     "contiguous": 1,
@@ -37,15 +41,16 @@ LAYERS: dict[str, int] = {
     # what users see
     "ema": 6,
     "power": 6,
+    "migrate": 7,
     "_shard_reader": 4,
     "posthoc": 5,
     # tools on top
-    "__init__": 7,
-    "recipes.__init__": 8,
-    "recipes.diffusion": 8,
-    "demo": 9,
-    "cli": 10,
-    "__main__": 11,
+    "__init__": 8,
+    "recipes.__init__": 9,
+    "recipes.diffusion": 9,
+    "demo": 10,
+    "cli": 11,
+    "__main__": 12,
 }
 
 

@@ -304,3 +304,11 @@ def test_key_mismatch_shows_the_keys_and_the_prefix_to_strip():
         ema.load_averaged_state_dict(wrapped)
     with pytest.raises(KeyError, match=r"expected keys missing.*first keys given"):
         ema.load_averaged_state_dict({"head.weight": torch.zeros(2, 6)})
+
+
+def test_key_mismatch_names_every_prefix_that_explains_the_keys():
+    ema = emakit.EMA(Net(), decay=0.99)
+    sd = Net().state_dict()
+    both = {**{f"online_model.{k}": v for k, v in sd.items()}, **{f"ema_model.{k}": v for k, v in sd.items()}}
+    with pytest.raises(KeyError, match=r"start with 'online_model.' or 'ema_model.': keep the one that holds"):
+        ema.load_averaged_state_dict(both)

@@ -92,7 +92,12 @@ def test_start_at_copies_then_averages_on_shifted_time():
     assert s(101, 1) == 0.0  # power restarts: its first update copies
     assert s(104, 1) == pytest.approx((1 - 1 / 4) ** 2)
     straddle = S.start_at(10, S.constant(0.5))
-    assert straddle(12, 4) == pytest.approx(0.25)  # only the 2 units after t0 decay
+    # An update over (8, 12] is 4 single steps of an unchanged model: copies at 9 and 10, then
+    # averages of the copy with the same weights; the old average is gone.
+    assert straddle(12, 4) == 0.0
+    assert straddle(14, 2) == pytest.approx(0.25)  # from t0 on, the inner schedule decides
+    steps = [straddle(t, 1) for t in range(9, 13)]
+    assert steps[:2] == [0.0, 0.0] and math.prod(steps) == straddle(12, 4)
 
 
 def test_start_time_bounds_the_ignored_weight():

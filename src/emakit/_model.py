@@ -108,16 +108,18 @@ def key_mismatch_message(given: Iterable[str], expected: Iterable[str], shown: i
         parts.append(f"{len(missing)} of {len(expected)} expected keys missing (first: {missing[:shown]})")
     if unexpected:
         parts.append(f"{len(unexpected)} keys not expected (first: {unexpected[:shown]})")
-    prefix = _common_extra_prefix(unexpected, missing)
-    if prefix:
-        parts.append(f"the given keys start with {prefix!r}: strip it")
+    prefixes = _extra_prefixes(unexpected, missing)
+    if len(prefixes) == 1:
+        parts.append(f"the given keys start with {prefixes[0]!r}: strip it")
+    elif prefixes:
+        parts.append(f"the given keys start with {' or '.join(map(repr, prefixes))}: keep the one that holds the average and strip it")
     elif missing and not unexpected:
         parts.append(f"first keys given: {given[:shown]}, expected: {expected[:shown]}")
     return "; ".join(parts)
 
 
-def _common_extra_prefix(unexpected: list[str], missing: list[str]) -> str | None:
-    """The prefix that, stripped from the unexpected keys, yields missing ones (the most frequent such)."""
+def _extra_prefixes(unexpected: list[str], missing: list[str]) -> list[str]:
+    """The prefixes that, stripped from the unexpected keys, yield the most missing ones (ties: all)."""
     wanted = set(missing)
     counts: dict[str, int] = {}
     for key in unexpected:
@@ -126,5 +128,6 @@ def _common_extra_prefix(unexpected: list[str], missing: list[str]) -> str | Non
                 counts[key[:i]] = counts.get(key[:i], 0) + 1
                 break
     if not counts:
-        return None
-    return max(counts, key=counts.__getitem__)
+        return []
+    best = max(counts.values())
+    return [p for p, n in counts.items() if n == best]

@@ -386,11 +386,12 @@ class StartAt:
 
     def __call__(self, t: float, dt: float) -> float:
         _check_time("start_at", t, dt)
-        if t <= self.t0:
+        if t - dt < self.t0:
+            # The update reaches t0 or spans it: the average restarts there as a copy of the weights
+            # held over the whole update, so the old average gets no weight.
             return 0.0
-        # The average restarts at t0 holding a copy; the inner schedule sees time since t0.
-        since = t - self.t0
-        return self.schedule(since, min(dt, since))
+        # The inner schedule sees the time since t0.
+        return self.schedule(t - self.t0, dt)
 
 
 def start_at(t0: float, schedule: Callable[[float, float], float]) -> StartAt:
