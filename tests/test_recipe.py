@@ -111,3 +111,20 @@ def test_command_line_resume_flag(tmp_path, capsys):
     assert D.main([*common[:-1], "steps=20", "--resume"]) == 0
     assert [r["step"] for r in losses(tmp_path)] == [5, 10, 15, 20]
     assert "trained to step 20" in capsys.readouterr().out
+
+
+def test_tensorboard_log_reads_back(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard logging needs the tensorboard package (in .[dev])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    D.train(D.Config.from_overrides([*TINY, "steps=20", f"out_dir={out}"]))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    logged = losses(out)
+    assert [s.step for s in scalars] == [r["step"] for r in logged] == [5, 10, 15, 20]
+    torch.testing.assert_close(
+        torch.tensor([s.value for s in scalars]), torch.tensor([r["loss"] for r in logged]), rtol=1e-6, atol=0
+    )
