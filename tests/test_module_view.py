@@ -138,3 +138,20 @@ def test_compiled_view_sees_the_current_averages():
         with torch.no_grad(), ema.swapped():
             want = model(x)
         assert_close(compiled(x), want)
+
+
+def test_module_view_benchmark_runs_at_tiny_scale():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_module_view.py"), "--layers", "2", "--width", "32",
+         "--reps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "emakit averaged_module()(x)" in out.stdout and "no tensor" in out.stdout
