@@ -86,7 +86,7 @@ def test_power_snapshots_of_a_cuda_model_reconstruct(tmp_path):
     pytest.importorskip("safetensors")
     model = make()
     pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
-    for i in range(4):
+    for _ in range(4):
         train(model, pema, 10)
         pema.save_snapshot(tmp_path)
     sd = posthoc.reconstruct(tmp_path, sigma_rel=0.10, progress=False)
