@@ -150,6 +150,7 @@ def test_crash_while_writing_leaves_no_snapshot(tmp_path, monkeypatch):
         raise KeyboardInterrupt("killed during the rename")
 
     monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(os, "link", crash)  # snapshots move into place with link (never replacing)
     with pytest.raises(KeyboardInterrupt):
         pema.save_snapshot(tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -216,8 +216,11 @@ class Checkpointing:
         """Resume from a :meth:`save` directory, written by any number of ranks (resharded on load).
 
         Collective in a distributed run. Format, settings, names and shapes are checked
-        against the checkpoint's metadata before any tensor is read; then each rank reads
-        its own parts straight into the averages. DCP metadata is pickled: load only
+        against the checkpoint's metadata before any tensor is read; then each rank reads its
+        own parts into staging tensors and copies them into the averages only once all were
+        read: a damaged checkpoint raises :class:`emakit._dcp.CheckpointError` (an
+        ``Exception`` naming the path) and leaves the average exactly as it was. Holds a
+        second copy of this rank's averages while loading. DCP metadata is pickled: load only
         checkpoints you trust.
         """
         where = f"{self._owner}.load"
@@ -238,18 +241,30 @@ class Checkpointing:
                 raise ValueError(
                     f"{where}: {path} holds {key!r} with shape {tuple(size)}, expected {tuple(tensor.shape)}"
                 )
+        # All or nothing: read into staging tensors (this rank's parts, the stored dtype), then copy.
+        staged = {key: _empty_like(v, meta[key]) for key, v in tensors.items()}
+        _dcp.load(staged, path, where=where)
         self._promote(promoted)
-        state = self.state_dict()
-        # Each rank reads its own parts straight into the averages (they share memory with ``state``).
-        _dcp.load(state, path)
+        copies = {n: staged[f"copies.{n}"] for n in state["copies"]}
+        for k in range(self._num_profiles):
+            prefix = f"averages.{k}."
+            profile = {key.removeprefix(prefix): v for key, v in staged.items() if key.startswith(prefix)}
+            self._load_tensors(where, k, profile, copies)
         self._set_time(t, counts)
+
+
+def _empty_like(tensor: Tensor, stored: Any) -> Tensor:
+    """A staging tensor for ``tensor`` (plain or DTensor, same layout) in the stored dtype."""
+    dtype = getattr(getattr(stored, "properties", None), "dtype", None) or tensor.dtype
+    with torch.no_grad():
+        return torch.empty_like(tensor.detach(), dtype=dtype)
 
 
 def _read_dcp_header(path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
     """The small entries of a DCP checkpoint (format, version, time, counters, settings) as a header."""
     keys = [k for k in meta if k in _HEADER or k.startswith("config.")]
     small: dict[str, Any] = dict.fromkeys(keys)
-    _dcp.load(small, path, flatten=False)
+    _dcp.load(small, path, flatten=False, where=f"{path}")
     header = {k: v for k, v in small.items() if not k.startswith("config.")}
     header["config"] = {k.removeprefix("config."): v for k, v in small.items() if k.startswith("config.")}
     return header

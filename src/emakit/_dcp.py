@@ -8,7 +8,9 @@ Knows nothing about averages or snapshots (callers give it state dicts).
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
 import warnings
 from collections.abc import Callable
@@ -16,43 +18,88 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
-from ._atomic import fsync_dir
+from ._atomic import fsync_dir, reclaim_stale, temporary_name, umask_mode
+
+__all__ = ["CheckpointError", "load", "read_metadata", "save_atomic"]
+
+
+class CheckpointError(RuntimeError):
+    """A DCP checkpoint directory that cannot be read or written; the message names the path.
+
+    torch's own ``CheckpointException`` derives from ``BaseException`` (it escapes ``except
+    Exception``), and a damaged directory can also surface as ``EOFError``, ``AssertionError``
+    or an unpickling error: all of them become this.
+    """
+
+
+def _failure(where: str, path, action: str, error: BaseException) -> CheckpointError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    detail = f"{type(error).__name__}: {first}"[:300]
+    return CheckpointError(f"{where}: could not {action} {path} (truncated, corrupted or incomplete?): {detail}")
+
+
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
 
 
 def save_atomic(
     where: str, state: dict[str, Any], final: Path, extra: Callable[[Path], None] | None = None
 ) -> Path:
-    """``dcp.save(state)`` into a hidden directory that rank 0 renames to ``final`` once complete.
+    """``dcp.save(state)`` into a unique hidden directory that rank 0 moves to ``final`` once complete.
 
     Collective: every rank calls it with the same ``final`` (on a file system they share, as
-    DCP requires). Each rank writes only its own shards. ``extra(tmp_dir)`` runs on rank 0
-    before the rename (to add a small description file). A crash leaves only the hidden
-    ``.<name>.tmp`` directory, which no reader lists; an existing ``final`` is never replaced.
+    DCP requires); the temporary name is chosen by rank 0 and shared. Each rank writes only
+    its own shards. ``extra(tmp_dir)`` runs on rank 0 before the move (to add a small
+    description file). A crash leaves only the hidden temporary directory, which no reader
+    lists and the next save into that folder removes once its writer is dead. An existing
+    ``final`` is never replaced, also when another writer creates it meanwhile: then
+    ``FileExistsError`` and nothing is left behind.
     """
     import torch.distributed.checkpoint as dcp
 
     final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp")
-    exists = final.exists()
-    if exists:
+    if final.exists():
         raise FileExistsError(f"{where}: {final} already exists; choose a new path (checkpoints are never replaced)")
+    token = [secrets.token_hex(4)]
+    if distributed.dist_ready():
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(token, src=0)  # one temporary name for all ranks
+    tmp = temporary_name(final, token[0])
     if distributed.rank() == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crashed save of the same name
+        reclaim_stale(final.parent)
     distributed.barrier()
-    with warnings.catch_warnings():  # single process: DCP warns that it assumes one; it is the intent
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=tmp)
-    distributed.barrier()
-    if distributed.rank() == 0:
-        if extra is not None:
-            extra(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+    try:
+        with warnings.catch_warnings():  # single process: DCP warns that it assumes one; it is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            try:
+                dcp.save(state, checkpoint_id=tmp)
+            except _dcp_errors() as e:
+                raise _failure(where, final, "write", e) from None
+        distributed.barrier()
+        if distributed.rank() == 0:
+            if extra is not None:
+                extra(tmp)
+            mode = umask_mode()
+            for file in tmp.iterdir():
+                os.chmod(file, mode)
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+            try:
+                os.rename(tmp, final)  # a directory: fails if final exists and is not empty
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise FileExistsError(
+                        f"{where}: {final} was created by another writer meanwhile; not replaced"
+                    ) from None
+                raise
+            fsync_dir(final.parent)
+    finally:
+        if distributed.rank() == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing
     distributed.barrier()
     return final
 
@@ -64,15 +111,27 @@ def read_metadata(where: str, path: Path):
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{where}: {path} is not a torch.distributed.checkpoint directory (no .metadata)")
-    return FileSystemReader(str(path)).read_metadata()
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    except _dcp_errors() as e:
+        raise _failure(where, path, "read the metadata of", e) from None
 
 
-def load(state: dict[str, Any], path: Path, *, no_dist: bool = False, flatten: bool = True) -> None:
-    """``dcp.load`` in place (collective unless ``no_dist``)."""
+def load(
+    state: dict[str, Any], path: Path, *, no_dist: bool = False, flatten: bool = True, where: str = "load"
+) -> None:
+    """``dcp.load`` in place (collective unless ``no_dist``); :class:`CheckpointError` naming ``path`` on failure.
+
+    On failure the tensors of ``state`` may be partly overwritten: read into staging tensors
+    when that matters.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     planner = DefaultLoadPlanner(flatten_state_dict=flatten, flatten_sharded_tensors=flatten)
     with warnings.catch_warnings():  # DCP warns that a single process is assumed: that is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path), planner=planner, no_dist=no_dist or not distributed.dist_ready())
+        try:
+            dcp.load(state, checkpoint_id=str(path), planner=planner, no_dist=no_dist or not distributed.dist_ready())
+        except _dcp_errors() as e:
+            raise _failure(where, path, "read", e) from None

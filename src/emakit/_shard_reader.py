@@ -63,7 +63,7 @@ class ShardReader:
                 )
             local = torch.empty(target.to_local().shape, dtype=dtype, device=target.to_local().device)
             dest = layout.wrap(local)
-        _dcp.load({key: dest}, self._info.path, flatten=False)
+        _dcp.load({key: dest}, self._info.path, flatten=False, where="reconstruct")
         return dest if layout is None else dest.to_local()
 
     def close(self) -> None:

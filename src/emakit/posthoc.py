@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import schedules
-from .snapshots import SnapshotError, SnapshotInfo, open_tensors, read_info, snapshot_paths
+from .snapshots import SnapshotError, SnapshotInfo, open_tensors, read_info, require_trust, snapshot_paths
 
 __all__ = [
     "FIT_ERROR_WARN",
@@ -322,6 +322,7 @@ def reconstruct(
     dtype: torch.dtype | str = "model",
     progress: bool = True,
     like: Mapping[str, Tensor] | None = None,
+    trust: bool = False,
 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     """Rebuild the EMA of the requested length from a snapshot directory (or a list of snapshots).
 
@@ -336,7 +337,8 @@ def reconstruct(
     process group needed. ``like=`` a sharded state dict (e.g. ``model.state_dict()`` of the
     FSDP2 model, or a PowerEMA's ``averaged_state_dict()``) reconstructs in a distributed
     run instead: collective, each rank reads only the shards its DTensors hold and gets
-    DTensors back (ready for ``dcp.save`` or ``model.load_state_dict``).
+    DTensors back (ready for ``dcp.save`` or ``model.load_state_dict``). Sharded snapshots
+    are read only with ``trust=True``: DCP's metadata is a pickle, which can run code.
 
         sds = reconstruct("run/phema", sigma_rel=[0.05, 0.10, 0.15])
     """
@@ -349,12 +351,17 @@ def reconstruct(
     out_dtype = _out_dtype(dtype)
     used = solutions[0].snapshots
     latest = used[-1]
+    for info in used:
+        require_trust(info, trust)  # before anything is read
     if like is not None:
         from ._shard_reader import ShardReader
 
         reader_for = ShardReader.factory(like, latest)
     else:
-        reader_for = open_tensors
+
+        def reader_for(info, order):
+            return open_tensors(info, order, trust=trust)
+
     bar = _progress(len(used) * len(latest.averaged) * max(s.num_profiles for s in used), progress)
     try:
         sums = _weighted_sums(solutions, reader_for, bar)
@@ -364,6 +371,8 @@ def reconstruct(
         try:
             for key in order:
                 extras[key.split("/", 1)[1]] = reader.get(key)
+        except Exception as e:
+            raise SnapshotError(f"{latest.path}: could not read the snapshot data (truncated or corrupted?): {e}") from e
         finally:
             reader.close()
     finally:

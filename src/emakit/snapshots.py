@@ -44,6 +44,7 @@ __all__ = [
     "export",
     "open_tensors",
     "read_info",
+    "require_trust",
     "snapshot_paths",
     "write_sharded_snapshot",
     "write_snapshot",
@@ -114,6 +115,7 @@ class SnapshotInfo:
 
     @property
     def num_profiles(self) -> int:
+        """How many profiles (tracked ``sigma_rel`` values) the snapshot holds."""
         return len(self.gammas)
 
 
@@ -207,7 +209,10 @@ def write_snapshot(
         keys=keys,
         aliases=aliases,
     )
-    write_then_rename([(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))])
+    # Never replaces a snapshot, also one another writer saves meanwhile (FileExistsError).
+    write_then_rename(
+        [(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))], replace=False
+    )
     return final
 
 
@@ -398,7 +403,7 @@ class _DcpReader:
                     break
                 batch[other] = self._empty(other)
                 nbytes += batch[other].nbytes
-            _dcp.load(batch, self._info.path, no_dist=True, flatten=False)
+            _dcp.load(batch, self._info.path, no_dist=True, flatten=False, where="read snapshot")
             self._cache = batch
         value = self._cache.pop(key)
         model_shape = self._tensors[key][2]
@@ -408,33 +413,48 @@ class _DcpReader:
         self._cache.clear()
 
 
-def open_tensors(info: SnapshotInfo, order: list[str] | None = None):
+def require_trust(info: SnapshotInfo, trust: bool) -> None:
+    """Refuse to read a sharded (DCP) snapshot unless the caller vouches for it: its metadata is a pickle."""
+    if info.sharded and not trust:
+        raise SnapshotError(
+            f"{info.path}: a sharded (DCP) snapshot, whose .metadata is a pickle: reading it can run code. Pass "
+            f"trust=True (CLI: --trust) if you wrote it, and export it once to safetensors (emakit export --trust)"
+        )
+
+
+def open_tensors(info: SnapshotInfo, order: list[str] | None = None, *, trust: bool = False):
     """A reader with ``get(key) -> Tensor`` (model-shaped, on the CPU) and ``close()``.
 
     ``order`` lists the keys in the order they will be asked for, so a sharded snapshot can
-    read them in batches; reading is streamed: one batch in memory at a time.
+    read them in batches; reading is streamed: one batch in memory at a time. A sharded
+    (DCP) snapshot is read only with ``trust=True``: DCP's metadata is a pickle.
     """
+    require_trust(info, trust)
     if info.sharded:
         return _DcpReader(info, list(order or []))
     return _SafetensorsReader(info)
 
 
-def export(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
+def export(path: str | os.PathLike, directory: str | os.PathLike, *, trust: bool = False) -> Path:
     """Write a sharded (DCP) snapshot as a single-file ``phema-<t>.safetensors`` in ``directory``.
 
     Runs in one process without a process group. The file holds the same tensors and
     metadata as a single-process snapshot, in safetensors' stable format: use it for
-    long-lived storage (DCP promises no format compatibility across torch versions).
-    Memory: the whole snapshot, once.
+    long-lived storage (DCP promises no format compatibility across torch versions) and to
+    share (safetensors holds no code; DCP's metadata is a pickle, so this needs
+    ``trust=True``). Memory: the whole snapshot, once.
     """
     info = read_info(path)
     if not info.sharded:
         raise SnapshotError(f"{info.path}: already a single-file snapshot; nothing to export")
+    require_trust(info, trust)
     order = [f"avg.{j}/{n}" for j in range(info.num_profiles) for n in info.averaged]
     order += [f"copy/{n}" for n in info.copied] + [f"static/{n}" for n in info.static]
-    reader = open_tensors(info, order)
+    reader = open_tensors(info, order, trust=trust)
     try:
         tensors = {key: reader.get(key) for key in order}
+    except _dcp.CheckpointError as e:
+        raise SnapshotError(str(e)) from None
     finally:
         reader.close()
     return write_snapshot(

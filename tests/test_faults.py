@@ -1,0 +1,257 @@
+"""Injected faults in checkpoints and snapshots: damaged DCP directories, pickle payloads.
+
+Each test breaks a file the way a crash, a full disk or an attacker would, and checks that
+emakit fails with an ``Exception`` naming the path, leaves the average exactly as it was, and
+never runs code from a pickle it was not told to trust.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import emakit
+from emakit import posthoc, snapshots
+from emakit._dcp import CheckpointError
+
+pytest.importorskip("safetensors", reason="snapshots need the safetensors extra")
+
+
+def trained():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    ema = emakit.EMA(model, decay=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        ema.update()
+    return model, ema
+
+
+def snapshot_state(ema):
+    sd = ema.state_dict()
+    return {k: v.clone() for p in sd["averages"] for k, v in p.items()}, sd["t"], sd["num_updates"]
+
+
+def assert_unchanged(ema, before):
+    tensors, t, n = snapshot_state(ema)
+    assert t == before[1] and n == before[2]
+    for k, v in tensors.items():
+        assert torch.equal(v, before[0][k]), k
+
+
+def _distcp(path: pathlib.Path) -> pathlib.Path:
+    (data,) = [p for p in path.iterdir() if p.suffix == ".distcp"]
+    return data
+
+
+def _truncate(path):
+    data = _distcp(path)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+
+
+def _flip_tail(path):
+    data = _distcp(path)
+    raw = bytearray(data.read_bytes())
+    raw[-10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _truncate,
+        lambda p: _distcp(p).unlink(),
+        lambda p: (p / ".metadata").write_bytes(b"not a pickle at all"),
+        lambda p: (p / ".metadata").write_bytes((p / ".metadata").read_bytes()[:40]),
+    ],
+    ids=["truncated", "missing-data", "garbage-metadata", "truncated-metadata"],
+)
+def test_failed_dcp_load_leaves_the_average_as_it_was(tmp_path, damage):
+    _, source = trained()
+    source.save(tmp_path / "ckpt")
+    damage(tmp_path / "ckpt")
+    _, ema = trained()
+    for _ in range(2):
+        ema.update()  # other values than the checkpoint's
+    before = snapshot_state(ema)
+    with pytest.raises(Exception) as info:  # an Exception (DCP's own derives from BaseException)
+        ema.load(tmp_path / "ckpt")
+    assert isinstance(info.value, (CheckpointError, ValueError, KeyError)), type(info.value)
+    assert str(tmp_path / "ckpt") in str(info.value)
+    assert_unchanged(ema, before)
+
+
+def test_dcp_load_of_damaged_data_is_all_or_nothing(tmp_path):
+    # The data file cut after most tensors: the first ones would load, the last not.
+    _, source = trained()
+    source.save(tmp_path / "ckpt")
+    data = _distcp(tmp_path / "ckpt")
+    data.write_bytes(data.read_bytes()[: int(data.stat().st_size * 0.9)])
+    _, ema = trained()
+    ema.update()
+    before = snapshot_state(ema)
+    with pytest.raises(CheckpointError, match="could not read"):
+        ema.load(tmp_path / "ckpt")
+    assert_unchanged(ema, before)
+
+
+def _sharded_snapshot(directory: pathlib.Path, ema_t: float = 3.0) -> pathlib.Path:
+    """A DCP snapshot written in one process, as a sharded run writes it (plain tensors)."""
+    torch.manual_seed(1)
+    weight = torch.randn(3, 2)
+    return snapshots.write_sharded_snapshot(
+        directory,
+        t=ema_t,
+        num_updates=3,
+        sigma_rels=[0.1],
+        gammas=[emakit.schedules.sigma_rel_to_gamma(0.1)],
+        averages=[{"w": weight}],
+        copies={},
+        static={},
+        model_shapes={"w": (3, 2)},
+        model_dtypes={"w": torch.float32},
+        dtype=torch.float32,
+        keys=["w"],
+        aliases={},
+    )
+
+
+class _Payload:
+    """Unpickling this touches a marker file: proof that a pickle ran."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_sharded_snapshot_needs_trust_and_never_runs_a_payload_without_it(tmp_path):
+    path = _sharded_snapshot(tmp_path / "phema")
+    marker = tmp_path / "payload-ran"
+    (path / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    infos = posthoc.list_snapshots(tmp_path / "phema")  # reads emakit.json only
+    assert infos[0].sharded
+    with pytest.raises(snapshots.SnapshotError, match="pickle.*trust=True"):
+        posthoc.reconstruct(tmp_path / "phema", sigma_rel=0.1, progress=False)
+    with pytest.raises(snapshots.SnapshotError, match="trust=True"):
+        snapshots.export(path, tmp_path / "out")
+    with pytest.raises(snapshots.SnapshotError, match="trust=True"):
+        snapshots.open_tensors(infos[0], ["avg.0/w"])
+    assert not marker.exists()
+
+
+def test_trusted_sharded_snapshot_reads_and_a_damaged_one_names_the_file(tmp_path):
+    path = _sharded_snapshot(tmp_path / "phema")
+    sd = posthoc.reconstruct(tmp_path / "phema", sigma_rel=0.1, progress=False, trust=True)
+    torch.manual_seed(1)
+    assert torch.equal(sd["w"], torch.randn(3, 2))
+    _truncate(path)
+    with pytest.raises(snapshots.SnapshotError, match=str(path)):
+        posthoc.reconstruct(tmp_path / "phema", sigma_rel=0.1, progress=False, trust=True)
+    (path / ".metadata").write_bytes(b"\x80garbage")
+    with pytest.raises(snapshots.SnapshotError, match=str(path)):
+        posthoc.reconstruct(tmp_path / "phema", sigma_rel=0.1, progress=False, trust=True)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def test_two_writers_of_one_snapshot_one_wins_and_its_data_stays(tmp_path):
+    from emakit import _atomic
+
+    final = tmp_path / "phema-000000000000001.safetensors"
+    calls = []
+
+    def writer(data: bytes):
+        def write(tmp):
+            calls.append(data)
+            if len(calls) == 1:  # while the first writer is busy, a second one writes the same name
+                _atomic.write_then_rename([(final, writer(b"second"))], replace=False)
+            tmp.write_bytes(data)
+
+        return write
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        _atomic.write_then_rename([(final, writer(b"first"))], replace=False)
+    assert final.read_bytes() == b"second"  # the winner's data
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]  # no temporary left
+
+
+def test_two_dcp_saves_to_one_path_never_replace_each_other(tmp_path):
+    from emakit import _dcp
+
+    final = tmp_path / "ckpt"
+
+    def other_writer_finishes_first(tmp):
+        final.mkdir()
+        (final / "winner").write_text("the other save")
+
+    with pytest.raises(FileExistsError, match="another writer"):
+        _dcp.save_atomic("save", {"x": torch.ones(3)}, final, extra=other_writer_finishes_first)
+    assert (final / "winner").read_text() == "the other save"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the loser left nothing
+
+
+def test_temporary_names_are_unique_and_never_listed(tmp_path):
+    from emakit import _atomic
+
+    final = tmp_path / "phema-000000000000001.safetensors"
+    names = {_atomic.temporary_name(final).name for _ in range(100)}
+    assert len(names) == 100
+    assert all(_atomic.is_temporary(n) for n in names)
+    for n in list(names)[:3]:
+        (tmp_path / n).write_bytes(b"partial")
+    assert snapshots.snapshot_paths(tmp_path) == []
+
+
+def test_stale_temporaries_of_dead_writers_are_reclaimed(tmp_path):
+    import subprocess
+    import sys
+
+    from emakit import _atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".phema-1.safetensors.{_atomic._HOST}.{dead_pid}.deadbeef.tmp"
+        running = tmp_path / f".phema-2.safetensors.{_atomic._HOST}.{live.pid}.deadbeef.tmp"
+        stale_dir = tmp_path / f".ckpt.{_atomic._HOST}.{dead_pid}.0badcafe.tmp"
+        other_host = tmp_path / f".phema-3.safetensors.elsewhere.{dead_pid}.deadbeef.tmp"
+        for f in (stale, running, other_host):
+            f.write_bytes(b"x" * 100)
+        stale_dir.mkdir()
+        (stale_dir / "__0_0.distcp").write_bytes(b"x")
+        model, _ = trained()
+        pema = emakit.PowerEMA(model)
+        pema.update()
+        pema.save_snapshot(tmp_path)  # the next write to the folder reclaims what dead writers left
+        assert not stale.exists() and not stale_dir.exists()
+        assert running.exists() and other_host.exists()  # a live writer's, another host's: kept
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_files_respect_the_umask(tmp_path):
+    import os
+
+    model, ema = trained()
+    pema = emakit.PowerEMA(model)
+    pema.update()
+    old = os.umask(0o027)
+    try:
+        snap = pema.save_snapshot(tmp_path / "phema")
+        ckpt = ema.save(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert oct(snap.stat().st_mode & 0o777) == oct(0o640)
+    assert all(oct(f.stat().st_mode & 0o777) == oct(0o640) for f in ckpt.iterdir())
