@@ -255,3 +255,105 @@ def test_files_respect_the_umask(tmp_path):
         os.umask(old)
     assert oct(snap.stat().st_mode & 0o777) == oct(0o640)
     assert all(oct(f.stat().st_mode & 0o777) == oct(0o640) for f in ckpt.iterdir())
+
+
+# --------------------------------------------------------------------------- snapshot integrity
+
+
+def _snapshot(tmp_path):
+    model, _ = trained()
+    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
+    for _ in range(4):
+        pema.update()
+    return pema.save_snapshot(tmp_path / "phema"), pema
+
+
+def _edit_header(path, edit):
+    """Rewrite a safetensors header (JSON) in place, keeping its length (padded with spaces)."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n, "the edit made the header longer"
+    path.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :])
+
+
+def test_a_flipped_data_bit_names_the_file_and_the_tensor(tmp_path):
+    import json
+    import struct
+
+    path, _ = _snapshot(tmp_path)
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    start, _ = header["avg.1/2.weight"]["data_offsets"]
+    raw[8 + n + start + 2] ^= 0x40  # an exponent bit of one element
+    path.write_bytes(bytes(raw))
+    with pytest.raises(snapshots.SnapshotError, match=r"phema-.*tensor 'avg.1/2.weight' does not match its checksum"):
+        posthoc.reconstruct(tmp_path / "phema", sigma_rel=0.07, progress=False)
+
+
+def test_swapped_data_offsets_are_caught(tmp_path):
+    path, _ = _snapshot(tmp_path)
+
+    def swap(header):
+        a, b = header["avg.0/0.weight"], header["avg.1/0.weight"]
+        a["data_offsets"], b["data_offsets"] = b["data_offsets"], a["data_offsets"]
+
+    _edit_header(path, swap)
+    with pytest.raises(snapshots.SnapshotError, match="does not match its checksum"):
+        posthoc.reconstruct(tmp_path / "phema", sigma_rel=0.07, progress=False)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.update(t="7.0"), "the header says t=7, the file name t=4"),
+        (lambda m: m.update(t="nan"), "inconsistent"),
+        (lambda m: m.update(gammas="[6.9, 16.9]"), "does not belong to its sigma_rel"),
+        (lambda m: m.update(sigma_rels="[0.05, 0.5]"), "not a power profile"),
+        (lambda m: m.update(dtype="int32"), "not a floating dtype"),
+        (lambda m: m.update(checksums="{}"), "checksums do not cover"),
+    ],
+    ids=["t-vs-name", "t-nan", "gammas", "sigma-rel", "dtype", "checksums"],
+)
+def test_header_fields_are_validated(tmp_path, edit, message):
+    path, _ = _snapshot(tmp_path)
+    _edit_header(path, lambda header: edit(header["__metadata__"]))
+    with pytest.raises(snapshots.SnapshotError, match=message):
+        snapshots.read_info(path)
+
+
+def test_a_stored_dtype_that_contradicts_the_header_is_refused(tmp_path):
+    path, _ = _snapshot(tmp_path)
+    _edit_header(path, lambda header: header["avg.0/0.weight"].update(dtype="I32"))
+    with pytest.raises(snapshots.SnapshotError, match="stored as I32"):
+        snapshots.read_info(path)
+
+
+def test_nan_in_snapshot_data_is_an_error_not_a_nan_output(tmp_path):
+    path, pema = _snapshot(tmp_path)
+    sd = pema.state_dict()
+    averages = [{k: v.clone() for k, v in p.items()} for p in sd["averages"]]
+    averages[0]["0.weight"][0, 0] = float("nan")
+    info = snapshots.read_info(path)
+    snapshots.write_snapshot(
+        tmp_path / "nan",
+        t=info.t,
+        num_updates=info.num_updates,
+        sigma_rels=list(info.sigma_rels),
+        gammas=list(info.gammas),
+        averages=averages,
+        copies=dict(sd["copies"]),
+        static={},
+        model_dtypes=dict(info.model_dtypes),
+        dtype=info.dtype,
+        keys=list(info.keys),
+        aliases={},
+    )
+    with pytest.raises(snapshots.SnapshotError, match=r"'avg.0/0.weight' holds NaN or Inf"):
+        posthoc.reconstruct(tmp_path / "nan", sigma_rel=0.05, progress=False)

@@ -396,6 +396,8 @@ def _weighted_sums(solutions: Sequence[Solution], reader_for, bar) -> list[dict[
             values: dict[str, Tensor] = {}
             for (j, name), key in zip(items, order):
                 x = values[key] if key in values else reader.get(key).to(acc_dtype)
+                if not bool(torch.isfinite(x).all()):
+                    raise SnapshotError(f"{info.path}: tensor {key!r} holds NaN or Inf; it cannot be averaged")
                 if key.startswith("static/"):
                     values[key] = x  # a parameter frozen at that time: its value is every profile's average
                 for sol, acc in zip(solutions, sums):
@@ -405,6 +407,8 @@ def _weighted_sums(solutions: Sequence[Solution], reader_for, bar) -> list[dict[
                     else:
                         acc[name] = x * w
                 bar.update(1)
+        except SnapshotError:
+            raise
         except Exception as e:
             raise SnapshotError(f"{info.path}: could not read the snapshot data (truncated or corrupted?): {e}") from e
         finally:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,16 @@ def _safetensors():
     return safetensors, safe_open
 
 
+def checksum(tensor: Tensor) -> str:
+    """CRC-32 of a tensor's bytes, as 8 hex digits (what snapshot headers store per tensor)."""
+    flat = tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+    return f"{zlib.crc32(flat.cpu().numpy().data):08x}"
+
+
+#: safetensors' names of the dtypes snapshots hold.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -112,6 +123,7 @@ class SnapshotInfo:
     nbytes: int
     sharded: bool = False  # a DCP directory written by several ranks
     flat: tuple[str, ...] = ()  # names stored flattened (DeepSpeed ZeRO-3), reshaped on reading
+    checksums: Mapping[str, str] | None = None  # key -> CRC-32 (hex) of its bytes; None in older files
 
     @property
     def num_profiles(self) -> int:
@@ -209,6 +221,7 @@ def write_snapshot(
         keys=keys,
         aliases=aliases,
     )
+    metadata["checksums"] = json.dumps({key: checksum(v) for key, v in tensors.items()})
     # Never replaces a snapshot, also one another writer saves meanwhile (FileExistsError).
     write_then_rename(
         [(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))], replace=False
@@ -276,9 +289,17 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
             meta = f.metadata() or {}
             keys = list(f.keys())
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            stored = {k: f.get_slice(k).get_dtype() for k in keys}
     except Exception as e:  # safetensors raises its own types for truncated / malformed files
         raise SnapshotError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
-    return _parse_info(path, meta, shapes, path.stat().st_size)
+    info = _parse_info(path, meta, shapes, path.stat().st_size)
+    for key in keys:
+        if key.startswith("avg.") and _SAFETENSORS_DTYPES.get(stored[key]) != info.dtype:
+            raise SnapshotError(
+                f"{path}: tensor {key!r} is stored as {stored[key]}, but the header says the averages are "
+                f"{dtype_name(info.dtype)} (corrupted or edited header?)"
+            )
+    return info
 
 
 def _read_dcp_info(path: Path) -> SnapshotInfo:
@@ -327,6 +348,15 @@ def _parse_info(
         raise SnapshotError(f"{path}: snapshot metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
     if not (math.isfinite(t) and t >= 0) or len(sigma_rels) != len(gammas) or not gammas:
         raise SnapshotError(f"{path}: snapshot metadata is inconsistent (t={t}, {len(gammas)} profiles)")
+    _check_header_values(path, t, sigma_rels, gammas, dtype, num_updates)
+    checksums = None
+    if "checksums" in meta:
+        try:
+            checksums = dict(json.loads(meta["checksums"]))
+        except (ValueError, TypeError) as e:
+            raise SnapshotError(f"{path}: snapshot checksums are malformed ({e})") from None
+        if set(checksums) != set(keys):
+            raise SnapshotError(f"{path}: snapshot checksums do not cover its tensors (corrupted header?)")
     expected = {f"avg.{j}/{n}" for j in range(len(gammas)) for n in averaged}
     expected |= {f"copy/{n}" for n in copied} | {f"static/{n}" for n in static}
     if expected != set(keys):
@@ -353,7 +383,31 @@ def _parse_info(
         keys=state_keys,
         aliases=aliases,
         nbytes=nbytes,
+        checksums=checksums,
     )
+
+
+def _check_header_values(
+    path: Path, t: float, sigma_rels: tuple, gammas: tuple, dtype: torch.dtype, num_updates: int
+) -> None:
+    """The header's numbers are what a snapshot can hold: ``t`` as in the file name, gammas of the sigma_rels."""
+    match = (_PATTERN if path.suffix == ".safetensors" else _DCP_PATTERN).match(path.name)
+    if match is not None and float(match["t"]) != t:
+        raise SnapshotError(f"{path}: the header says t={t:g}, the file name t={float(match['t']):g}")
+    from .schedules import SIGMA_REL_MAX, sigma_rel_to_gamma
+
+    for s, g in zip(sigma_rels, gammas):
+        if not (math.isfinite(s) and 0 < s < SIGMA_REL_MAX and math.isfinite(g)):
+            raise SnapshotError(f"{path}: the header holds sigma_rel={s}, gamma={g}: not a power profile")
+        if not math.isclose(sigma_rel_to_gamma(s), g, rel_tol=1e-6):
+            raise SnapshotError(
+                f"{path}: the header's gamma={g} does not belong to its sigma_rel={s} "
+                f"(expected {sigma_rel_to_gamma(s):.6g})"
+            )
+    if not dtype.is_floating_point:
+        raise SnapshotError(f"{path}: the header says the averages are {dtype}, not a floating dtype")
+    if num_updates < 0:
+        raise SnapshotError(f"{path}: the header says num_updates={num_updates}")
 
 
 # --------------------------------------------------------------------------- reading tensors
@@ -368,13 +422,23 @@ def dcp_tensor_table(path: Path) -> dict[str, list]:
 
 
 class _SafetensorsReader:
+    """Reads tensors of a single-file snapshot, checking each against its header checksum."""
+
     def __init__(self, info: SnapshotInfo) -> None:
         _, safe_open = _safetensors()
+        self._info = info
         self._file = safe_open(str(info.path), framework="pt")
         self._handle = self._file.__enter__()
 
     def get(self, key: str) -> Tensor:
-        return self._handle.get_tensor(key)
+        value = self._handle.get_tensor(key)
+        want = (self._info.checksums or {}).get(key)
+        if want is not None and checksum(value) != want:
+            raise SnapshotError(
+                f"{self._info.path}: tensor {key!r} does not match its checksum: the file is corrupted "
+                f"(a flipped bit, or data swapped between tensors)"
+            )
+        return value
 
     def close(self) -> None:
         self._file.__exit__(None, None, None)
