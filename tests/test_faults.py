@@ -360,3 +360,53 @@ def test_nan_in_snapshot_data_is_an_error_not_a_nan_output(tmp_path):
     )
     with pytest.raises(snapshots.SnapshotError, match=r"'avg.0/0.weight' holds NaN or Inf"):
         posthoc.reconstruct(tmp_path / "nan", sigma_rel=0.05, progress=False)
+
+
+# --------------------------------------------------------------------------- non-finite weights
+
+
+def test_nan_weights_never_enter_an_average_silently(tmp_path):
+    model, ema = trained()
+    good = {k: v.clone() for k, v in ema.state_dict()["averages"][0].items()}
+    saved = {**ema.state_dict(), "averages": [good], "copies": {k: v.clone() for k, v in ema.state_dict()["copies"].items()}}
+    ema.update()  # update 4: finite
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    ema.update()  # update 5: the NaN enters; no host synchronisation here, no error yet
+    for use in (
+        ema.state_dict,
+        ema.averaged_state_dict,
+        ema.averaged_module,
+        lambda: ema.save(tmp_path / "ckpt"),
+        lambda: ema.swapped().__enter__(),
+        lambda: ema.copy_to(model),
+    ):
+        with pytest.raises(emakit.NonFiniteError, match=r"'0.weight' holds NaN or Inf.*by update 5"):
+            use()
+    assert not (tmp_path / "ckpt").exists()
+    ema.load_state_dict(saved)  # loading a good state recovers
+    assert ema.state_dict()["t"] == 3
+
+
+def test_nonfinite_error_brackets_the_update():
+    model, ema = trained()
+    ema.state_dict()  # checked at update 3: finite
+    ema.update()
+    with torch.no_grad():
+        model[2].bias.fill_(float("inf"))
+    ema.update()
+    ema.update()
+    with pytest.raises(emakit.NonFiniteError, match=r"'2.bias'.*after update 3 .*by update 6"):
+        ema.averaged_state_dict()
+
+
+def test_nan_snapshot_is_refused_at_save(tmp_path):
+    model, _ = trained()
+    pema = emakit.PowerEMA(model)
+    pema.update()
+    with torch.no_grad():
+        model[0].bias[0] = float("nan")
+    pema.update()
+    with pytest.raises(emakit.NonFiniteError):
+        pema.save_snapshot(tmp_path)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -15,12 +15,14 @@ reconstruction of any EMA length, at memory-bandwidth speed::
 """
 
 from . import posthoc, schedules
+from ._averager import NonFiniteError
 from .contiguous import contiguous_parameters_
 from .ema import EMA
 from .power import PowerEMA
 
 __all__ = [
     "EMA",
+    "NonFiniteError",
     "PowerEMA",
     "contiguous_parameters_",
     "posthoc",

@@ -34,6 +34,10 @@ from ._storage import BUFFER_MODES, Group, Storage, default_placement, plan
 from ._time import check_decay, next_time
 
 
+class NonFiniteError(ValueError):
+    """An average holds NaN or Inf: a non-finite weight entered it (see ``skip_nonfinite``)."""
+
+
 class _Averager(Checkpointing):
     """``K`` averages of a model's tensors. Subclasses supply the update coefficients."""
 
@@ -246,21 +250,56 @@ class _Averager(Checkpointing):
 
     # ------------------------------------------------------------------ using the averages
 
+    def _check_finite(self, what: str) -> None:
+        """Raise :class:`NonFiniteError` if an average holds NaN or Inf; one host sync per device.
+
+        Runs when the averages are read, swapped, saved or snapshotted, never per update: NaN
+        or Inf that entered an average stays there, so checking at use loses nothing but the
+        exact update, which the error brackets (finite when last checked, non-finite now).
+        """
+        # A sum is NaN or Inf when any element is (fast: one read, no temporary); a huge but finite
+        # sum can overflow, so a non-finite sum is confirmed element by element.
+        sums: dict[torch.device, list[Tensor]] = {}
+        for group in self._storage.groups:
+            sums.setdefault(group.device, []).append(group.buffer.sum())
+        if all(bool(torch.isfinite(torch.stack(ss)).all()) for ss in sums.values()):
+            self._finite_at = (self.num_updates, self.t)
+            return
+        bad = None
+        for k in range(self._num_profiles):
+            for name, view, _, _ in self._storage.tensors(k):
+                if bad is None and not bool(view.isfinite().all()):
+                    bad = name
+        if bad is None:  # only the sum overflowed
+            self._finite_at = (self.num_updates, self.t)
+            return
+        updates, t = getattr(self, "_finite_at", (0, 0))
+        raise NonFiniteError(
+            f"{self._owner}.{what}: the average of {bad!r} holds NaN or Inf: a non-finite weight entered it after "
+            f"update {updates} (t={t:g}, when the averages were last checked and finite) and by update "
+            f"{self.num_updates} (t={self.t:g}). Find the step that made the weights non-finite; resume from a "
+            f"checkpoint (load() / load_state_dict()); skip_nonfinite=True skips such updates instead"
+        )
+
     def _averaged_state_dict(self, k: int, dtype: str, full: bool = False) -> dict[str, Tensor]:
+        self._check_finite("averaged_state_dict")
         return _swap.averaged_state_dict(self._owner, self._storage, self._model, self._aliases, k, dtype, full)
 
     def _averaged_module(self, k: int) -> nn.Module:
+        self._check_finite("averaged_module")
         view = _module_view.build(self._owner, self._model, self._storage, k, self._aliases)
         self._views[view] = k
         return view
 
     def _copy_to(self, model: nn.Module | None, k: int) -> None:
         self._assert_not_swapped("copy_to")
+        self._check_finite("copy_to")
         _swap.copy_into(self._storage, self._binder.make(self._model if model is None else model), k)
 
     @contextlib.contextmanager
     def _swap(self, model: nn.Module | None, k: int, backup_device: torch.device | str | None) -> Iterator[None]:
         self._assert_not_swapped("swapped")
+        self._check_finite("swapped")
         _warn_if_frozen_graphs(self._owner)
         target = self._model if model is None else model
         binding = self._binder.fresh(target)

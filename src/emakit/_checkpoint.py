@@ -69,8 +69,13 @@ class Checkpointing:
         """Everything needed to resume exactly: averages and copies by name, time, counters, config.
 
         Round-trips through ``torch.save`` / ``torch.load(weights_only=True)``. The tensors
-        share memory with the average.
+        share memory with the average. Raises :class:`emakit.NonFiniteError` if an average
+        holds NaN or Inf (a non-finite weight entered it): such a state is never saved silently.
         """
+        self._check_finite("state_dict")
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
         return {
             "format": self._format,
             "version": STATE_VERSION,
@@ -229,7 +234,7 @@ class Checkpointing:
         meta = _dcp.read_metadata(where, path).state_dict_metadata
         t, counts = self._check_header(where, _read_dcp_header(path, meta))
         promoted = self._promotable({k.removeprefix("averages.0.") for k in meta if k.startswith("averages.0.")})
-        state = self.state_dict()
+        state = self._state()  # (also when the averages hold NaN: loading is how to recover)
         tensors = {f"averages.{k}.{n}": v for k, profile in enumerate(state["averages"]) for n, v in profile.items()}
         tensors.update({f"copies.{n}": v for n, v in state["copies"].items()})
         tensors.update({f"averages.{k}.{n}": self._slots[n].get() for k in range(self._num_profiles) for n in promoted})

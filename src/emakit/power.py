@@ -200,6 +200,7 @@ class PowerEMA(_Averager):
         ranks call it. Both kinds reconstruct alike (:func:`emakit.posthoc.reconstruct`).
         """
         self._assert_not_swapped("save_snapshot")
+        self._check_finite("save_snapshot")
         if dtype not in _SNAPSHOT_DTYPES:
             raise ValueError(f"PowerEMA.save_snapshot: dtype must be one of {_SNAPSHOT_DTYPES}, got dtype={dtype!r}")
         if self.t <= 0:
