@@ -41,7 +41,9 @@ LAYERS: dict[str, int] = {
     # what users see
     "ema": 6,
     "power": 6,
+    "verify": 6,
     "migrate": 7,
+    "lightning": 7,
     "_shard_reader": 4,
     "posthoc": 5,
     # tools on top

@@ -75,15 +75,13 @@ def _eager(make_average, steps: int):
     return average, None
 
 
-def test_swapped_warns_under_inductor_freezing(monkeypatch):
+def test_swapped_warns_under_inductor_freezing():
     config = pytest.importorskip("torch._inductor.config")
     model = nn.Linear(3, 3)
     ema = emakit.EMA(model, decay=0.9)
-    monkeypatch.setattr(config, "freezing", True)
-    with pytest.warns(RuntimeWarning, match="freezing is on"):
+    with config.patch(freezing=True), pytest.warns(RuntimeWarning, match="freezing is on"):
         with ema.swapped():
             pass
-    monkeypatch.setattr(config, "freezing", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with ema.swapped():  # no warning by default

@@ -120,10 +120,12 @@ def test_cli_inspects_and_exports_sharded_snapshots(two_ranks, tmp_path, capsys)
 
     assert main(["inspect", str(two_ranks / "snaps")]) == 0
     assert "4 snapshots, t = 2 … 8" in capsys.readouterr().out
-    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path)]) == 0
+    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path)]) == 2  # DCP metadata is a pickle
+    assert "--trust" in capsys.readouterr().err
+    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path), "--trust"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"phema-{t:015d}.safetensors" for t in (2, 4, 6, 8)]
-    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path)]) == 2  # never overwrites
-    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path), "--trust"]) == 2  # never overwrites
+    assert "never replaces" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no sharded snapshots" in capsys.readouterr().err
 

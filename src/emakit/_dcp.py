@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import shutil
 import warnings
 from collections.abc import Callable
@@ -62,12 +61,12 @@ def save_atomic(
     final = Path(final)
     if final.exists():
         raise FileExistsError(f"{where}: {final} already exists; choose a new path (checkpoints are never replaced)")
-    token = [secrets.token_hex(4)]
+    name = [str(temporary_name(final))]  # rank 0's name (its host and pid) for all ranks
     if distributed.dist_ready():
         import torch.distributed as dist
 
-        dist.broadcast_object_list(token, src=0)  # one temporary name for all ranks
-    tmp = temporary_name(final, token[0])
+        dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
     if distributed.rank() == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
         reclaim_stale(final.parent)

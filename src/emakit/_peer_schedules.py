@@ -103,6 +103,7 @@ class TimmV3(PeerSchedule):
 
     The copy lasts through step ``update_after_step + 1``; ``min_decay`` only acts with warm-up.
 
+        >>> from emakit.migrate import schedule
         >>> s = schedule("timm", decay=0.999, update_after_step=2)
         >>> [s(t=n, dt=1) for n in (1, 2, 3, 4)]
         [0.0, 0.0, 0.0, 0.999]
@@ -148,6 +149,7 @@ class DiffusersEMAModel(PeerSchedule):
 
     Without warm-up the decay is 0.917 at step 100 and reaches 0.999 only at step 8991.
 
+        >>> from emakit.migrate import schedule
         >>> s = schedule("diffusers", decay=0.9999)
         >>> s(t=1, dt=1), round(s(t=2, dt=1), 4), round(s(t=100, dt=1), 4)
         (0.0, 0.1818, 0.9174)
@@ -195,6 +197,7 @@ class EmaPytorchEMA(PeerSchedule):
     longer than ``beta`` says. ema-pytorch computes the decay in float32; this is the same
     formula in float64 (they differ by float32 rounding, below 1e-7).
 
+        >>> from emakit.migrate import schedule
         >>> s = schedule("ema_pytorch", update_after_step=2, update_every=2)
         >>> [round(s(t=n, dt=1), 4) for n in (1, 2, 3, 4, 5, 6, 7)]
         [0.0, 1.0, 0.0, 1.0, 0.5193, 1.0, 0.658]
@@ -247,6 +250,7 @@ class EmaPytorchKarrasEMA(PeerSchedule):
     With the default ``update_every=100`` and ``sigma_rel=0.05``, the average after 20k
     steps is centred on step 3037 instead of 18946.
 
+        >>> from emakit.migrate import schedule
         >>> s = schedule("ema_pytorch_karras", gamma=1.0, update_every=1)
         >>> s(t=1, dt=1), round(s(t=2, dt=1), 4), s(t=3, dt=1)  # (2/3)**2, (3/4)**2
         (0.0, 0.4444, 0.5625)
@@ -298,6 +302,7 @@ class AveragedModelEMA(PeerSchedule):
 
     The same as ``schedules.start_at(1, schedules.constant(decay))`` when called every step.
 
+        >>> from emakit.migrate import schedule
         >>> s = schedule("averaged_model", decay=0.99)
         >>> s(t=1, dt=1), s(t=2, dt=1), s(t=5, dt=5)
         (0.0, 0.99, 0.0)
@@ -326,6 +331,7 @@ class TorchEMA(PeerSchedule):
     No update copies: the first one keeps 2/11 of the average built at construction, so build
     the emakit EMA where the torch-ema one was built.
 
+        >>> from emakit.migrate import schedule
         >>> s = schedule("torch_ema", decay=0.999)
         >>> round(s(t=1, dt=1), 4), s(t=2000, dt=1)
         (0.1818, 0.9955223880597015)
@@ -360,6 +366,7 @@ class LightningEMA(PeerSchedule):
 
     ``decay`` is applied once per update, whatever ``update_every_n_steps`` is.
 
+        >>> from emakit.migrate import schedule
         >>> s = schedule("lightning", decay=0.9, update_every_n_steps=2, update_starting_at_step=3)
         >>> [s(t=n, dt=1) for n in range(1, 9)]
         [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.9, 1.0]

@@ -4,49 +4,196 @@ emakit inspect run/phema
 emakit reconstruct run/phema --sigma-rel 0.03,0.05,0.08 --out run/ema
 emakit reconstruct run/phema --sigma-rel 0.02:0.20:0.01 --out run/ema --dtype float16
 emakit reconstruct run/phema --halflife 2000 --out run/ema      # a classic EMA, fitted
-emakit export run/phema --out archive/phema                      # sharded (DCP) -> single files
+emakit export run/phema --out archive/phema --trust              # sharded (DCP) -> single files
+emakit verify run/phema run/ema.pt                               # readable, complete, finite?
+
+Every bad argument or unreadable input is one line on stderr and exit status 2 (``verify``:
+1 when it found problems). Sharded snapshots (``phema-*.dcp``) hold a pickled DCP
+``.metadata``: the commands that read them need ``--trust``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import inspect
 import json
+import logging
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
 from . import __version__
 from ._atomic import write_then_rename
 
+#: The most values one option (``--sigma-rel`` etc.) may list or a range expand to.
+MAX_VALUES = 1000
+
+_SNAPSHOT_DIR = "a directory of snapshots (phema-*.safetensors files or phema-*.dcp directories)"
+
 
 class CommandError(Exception):
-    """A user error: printed without a traceback, exit status 2."""
+    """A user error: printed on one line without a traceback, exit status 2."""
 
 
-def parse_values(text: str) -> list[float]:
-    """``"0.03,0.05"`` or ``"0.02:0.2:0.01"`` (inclusive range) or a mix, to a sorted list of floats.
+class _UsageError(Exception):
+    """A command line argparse rejects: printed on one line (no usage block), exit status 2."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{prog}: error: {message} (see {prog} --help)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the usage block and exits; we want one line
+        raise _UsageError(self.prog, message)
+
+
+def parse_values(text: str, option: str = "values") -> list[float]:
+    """``"0.03,0.05"`` or ``"0.02:0.2:0.01"`` (inclusive range) or a mix, to a sorted list of finite floats.
+
+    At most :data:`MAX_VALUES` values in all; ``option`` names the option in errors.
 
     >>> parse_values("0.1,0.02:0.04:0.01")
     [0.02, 0.03, 0.04, 0.1]
     """
+    expected = "expected numbers like 0.05 or ranges start:stop:step (start <= stop, step > 0)"
     values: set[float] = set()
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         try:
-            if ":" in part:
-                start, stop, step = (float(x) for x in part.split(":"))
-                if not step > 0 or stop < start:
-                    raise ValueError
-                n = int(math.floor((stop - start) / step + 1e-9))
-                values.update(round(start + i * step, 10) for i in range(n + 1))
-            else:
-                values.add(float(part))
+            numbers = [float(x) for x in part.split(":")]
         except ValueError:
-            raise CommandError(f"cannot read {part!r}: expected numbers like 0.05 or ranges start:stop:step") from None
+            raise CommandError(f"{option}: cannot read {part!r}: {expected}") from None
+        if not all(math.isfinite(x) for x in numbers):
+            raise CommandError(f"{option}: {part!r} is not finite: {expected}")
+        if len(numbers) == 1:
+            values.add(numbers[0])
+        elif len(numbers) == 3 and numbers[2] > 0 and numbers[0] <= numbers[1]:
+            start, stop, step = numbers
+            count = math.floor((stop - start) / step + 1e-9) + 1 if math.isfinite((stop - start) / step) else math.inf
+            if count > MAX_VALUES:
+                amount = f"{count:,.0f}" if math.isfinite(count) else "infinitely many"
+                raise CommandError(
+                    f"{option}: range {part!r} expands to {amount} values; at most {MAX_VALUES} are allowed "
+                    f"(take a larger step)"
+                )
+            values.update(round(start + i * step, 10) for i in range(int(count)))
+        else:
+            raise CommandError(f"{option}: cannot read {part!r}: {expected}")
+        if len(values) > MAX_VALUES:
+            raise CommandError(f"{option}: more than {MAX_VALUES} values in {text!r}; at most {MAX_VALUES} are allowed")
     if not values:
-        raise CommandError(f"no values in {text!r}")
+        raise CommandError(f"{option}: no values in {text!r}: {expected}")
     return sorted(values)
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
+def _positive_time(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _dtype(text: str) -> str:
+    import torch
+
+    if text != "model" and not (
+        isinstance(getattr(torch, text, None), torch.dtype) and getattr(torch, text).is_floating_point
+    ):
+        raise argparse.ArgumentTypeError(
+            f"expected 'model' or a floating dtype (float32, bfloat16, float16, float64), got {text!r}"
+        )
+    return text
+
+
+# --------------------------------------------------------------------------- paths, trust, writes
+
+
+def _directory(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is a directory this process can list, else a one-line error saying what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise CommandError(f"{path}: no such directory; expected {what}")
+    if not path.is_dir():
+        raise CommandError(f"{path}: is a file; expected {what}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CommandError(f"{path}: permission denied; cannot list {what}")
+    return path
+
+
+def _output_directory(path: str | os.PathLike) -> Path:
+    """``--out``: a directory (created when missing), not a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"--out {path}: is a file; expected a directory (created if missing)")
+    return path
+
+
+def untrusted_message(path: Path, kind: str = "sharded (DCP) snapshot") -> str:
+    return f"{path} is a {kind} whose .metadata is a pickle: reading it can run code; pass --trust if you wrote it"
+
+
+def _refuse_untrusted(sharded: list[Path], trust: bool) -> None:
+    """Refuse, before anything is read, to read DCP folders the user did not vouch for."""
+    if sharded and not trust:
+        raise CommandError(untrusted_message(sharded[0]))
+
+
+def _trust(function, trust: bool) -> dict:
+    """``{"trust": trust}`` when ``function`` takes it (emakit versions before it read DCP folders unasked)."""
+    return {"trust": trust} if "trust" in inspect.signature(function).parameters else {}
+
+
+def _write_failure(path: Path, error: BaseException) -> CommandError:
+    """One line for a failed write: which file, and why (full disk, file-size limit, ...)."""
+    code = getattr(error, "errno", None)
+    if code is None:  # safetensors reports the OS error in its message: "... (os error 28)"
+        found = re.search(r"os error (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    if code == errno.ENOSPC:
+        return CommandError(f"no space left on device while writing {path}")
+    if code == errno.EFBIG:
+        return CommandError(f"file too large while writing {path} (the file-size limit, ulimit -f, was reached)")
+    if code == errno.EDQUOT:
+        return CommandError(f"disk quota exceeded while writing {path}")
+    return CommandError(f"could not write {path}: {_one_line(error)}")
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: the first line of its message (DCP's messages hold whole tracebacks)."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _label(value: float) -> str:
@@ -56,7 +203,7 @@ def _label(value: float) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import posthoc
 
-    snaps = posthoc.list_snapshots(args.directory)
+    snaps = posthoc.list_snapshots(_directory(args.directory, _SNAPSHOT_DIR))  # headers only: no trust needed
     first = snaps[0]
     numel = sum(math.prod(first.shapes[n]) for n in first.averaged)
     reliable = posthoc.reliable_range(snaps)
@@ -107,30 +254,39 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     safetensors, _ = _safetensors()
     targets: list[tuple[str, dict]] = []
-    for s in parse_values(args.sigma_rel) if args.sigma_rel else []:
+    for s in parse_values(args.sigma_rel, "--sigma-rel") if args.sigma_rel is not None else []:
         targets.append((f"sigma_rel-{_label(s)}", {"sigma_rel": s}))
-    for d in parse_values(args.decay) if args.decay else []:
+    for d in parse_values(args.decay, "--decay") if args.decay is not None else []:
         targets.append((f"decay-{d:g}", {"decay": d}))
-    for h in parse_values(args.halflife) if args.halflife else []:
+    for h in parse_values(args.halflife, "--halflife") if args.halflife is not None else []:
         targets.append((f"halflife-{h:g}", {"halflife": h}))
     if not targets:
         raise CommandError("give at least one of --sigma-rel, --decay, --halflife")
-    out = Path(args.out)
+    if len(targets) > MAX_VALUES:
+        raise CommandError(f"{len(targets)} EMA lengths requested in all; at most {MAX_VALUES} are allowed")
+    directory = _directory(args.directory, _SNAPSHOT_DIR)
+    out = _output_directory(args.out)
     paths = [out / f"ema-{name}.safetensors" for name, _ in targets]
     existing = [p for p in paths if p.exists()]
     if existing and not args.overwrite:
         raise CommandError(f"{existing[0]} exists; pass --overwrite to replace it")
-    snaps = posthoc.list_snapshots(args.directory)
+    snaps = posthoc.list_snapshots(directory)
     # Solve everything first: a bad request fails before any file is read or written.
     solutions = [posthoc.solve_coefficients(snaps, t=args.t, warn=False, **kw) for _, kw in targets]
+    used = {info.path: info for sol in solutions for info in sol.snapshots}
+    _refuse_untrusted([p for p, info in sorted(used.items()) if info.sharded], args.trust)
+    trust = _trust(posthoc.reconstruct, args.trust)
     sigma = [kw["sigma_rel"] for _, kw in targets if "sigma_rel" in kw]
     results: list[dict] = []
     if sigma:
-        results += posthoc.reconstruct(snaps, sigma_rel=sigma, t=args.t, dtype=args.dtype, progress=not args.quiet)
+        results += posthoc.reconstruct(
+            snaps, sigma_rel=sigma, t=args.t, dtype=args.dtype, progress=not args.quiet, **trust
+        )
     for _, kw in targets:
         if "sigma_rel" not in kw:
-            results.append(posthoc.reconstruct(snaps, t=args.t, dtype=args.dtype, progress=not args.quiet, **kw))
-    out.mkdir(parents=True, exist_ok=True)
+            results.append(
+                posthoc.reconstruct(snaps, t=args.t, dtype=args.dtype, progress=not args.quiet, **kw, **trust)
+            )
     writes = []
     for path, sol, sd in zip(paths, solutions, results):
         tensors = {k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -141,18 +297,36 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             "fit_error": repr(sol.fit_error),
             "noise_gain": repr(sol.noise_gain),
             "snapshots": str(len(sol.snapshots)),
-            "source": str(Path(args.directory).resolve()),
+            "source": str(directory.resolve()),
         }
         writes.append(
-            (
-                path,
-                lambda tmp, tensors=tensors, meta=meta: safetensors.torch.save_file(tensors, str(tmp), metadata=meta),
-            )
+            (path, _saving(path, lambda tmp, t=tensors, m=meta: safetensors.torch.save_file(t, str(tmp), metadata=m)))
         )
-    write_then_rename(writes)  # all files or none
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        write_then_rename(writes)  # all files or none
+    except OSError as e:  # fsync or rename (a write's own failures are already CommandErrors)
+        raise _write_failure(out, e) from None
+    except CommandError:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # leave nothing behind
+        raise
     for path, sol in zip(paths, solutions):
         print(f"{path}  {sol.target}  t={sol.t:g}  fit_error={sol.fit_error:.2e}  noise_gain={sol.noise_gain:.2f}")
     return 0
+
+
+def _saving(path: Path, write):
+    """``write(tmp)``, with a failure reported as one line naming ``path`` (the final name)."""
+
+    def run(tmp: Path) -> None:
+        try:
+            write(tmp)
+        except Exception as e:  # safetensors raises its own SafetensorError for I/O errors
+            raise _write_failure(path, e) from None
+
+    return run
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -160,6 +334,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from . import demo
 
+    for item in args.overrides:  # the recipe parses numbers with float(): refuse nan and inf here
+        key, _, value = item.partition("=")
+        for part in value.split(","):
+            try:
+                number = float(part)
+            except ValueError:
+                continue
+            if not math.isfinite(number):
+                raise CommandError(f"override {item!r}: {key} must be finite, got {part!r}")
+    if args.out is not None:
+        _output_directory(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is None:  # keep earlier demo runs: take the first free runs/demo, runs/demo-2, ...
@@ -183,71 +368,176 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from . import snapshots
+    from .snapshots import SnapshotError
 
-    sources = [args.path] if Path(args.path).name.endswith(".dcp") else snapshots.snapshot_paths(args.path)
-    sharded = [Path(p) for p in sources if Path(p).is_dir()]
+    source = Path(args.path)
+    if source.name.endswith(".dcp"):
+        sharded = [_directory(source, "a sharded snapshot (a phema-*.dcp directory)")]
+    else:
+        sharded = [p for p in snapshots.snapshot_paths(_directory(source, _SNAPSHOT_DIR)) if p.is_dir()]
     if not sharded:
-        raise CommandError(f"{args.path}: no sharded snapshots (phema-*.dcp) to export")
-    for path in sharded:
-        out = snapshots.export(path, args.out)
+        raise CommandError(f"{source}: no sharded snapshots (phema-*.dcp) to export")
+    out = _output_directory(args.out)
+    infos = [snapshots.read_info(p) for p in sharded]  # every header is checked before anything is written
+    targets = [out / snapshots.file_name(info.t) for info in infos]
+    existing = [p for p in targets if p.exists()]
+    if existing:
+        raise CommandError(
+            f"{existing[0]} exists; export never replaces a snapshot (remove it or choose another --out)"
+        )
+    _refuse_untrusted(sharded, args.trust)
+    trust = _trust(snapshots.export, args.trust)
+    for path, target in zip(sharded, targets):
+        try:
+            snapshots.export(path, out, **trust)
+        except SnapshotError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError or an OSError: the write failed
+            raise _write_failure(target, e) from None
         if not args.quiet:
-            print(f"{path} -> {out}")
+            print(f"{path} -> {target}")
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from . import verify
+
+    for path in args.paths:
+        path = Path(path)
+        if not path.exists():
+            raise CommandError(
+                f"{path}: no such file or directory; expected a snapshot, a snapshot directory or a checkpoint"
+            )
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise CommandError(f"{path}: permission denied")
+    if not args.trust:
+        untrusted = verify.needs_trust(args.paths)
+        if untrusted:
+            path, kind = untrusted[0]
+            raise CommandError(untrusted_message(path, kind))
+    problems = verify.verify(args.paths, trust=args.trust)
+    for line in problems:
+        print(line)
+    checked = f"{len(args.paths)} path{'s' if len(args.paths) != 1 else ''} checked"
+    print(
+        f"{checked}: {len(problems)} problem{'s' if len(problems) != 1 else ''}" if problems else f"{checked}: all good"
+    )
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emakit", description="Averaged model weights for PyTorch training.")
+    parser = _Parser(prog="emakit", description="Averaged model weights for PyTorch training.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    trust_help = (
+        "read sharded (phema-*.dcp) snapshots: their DCP .metadata is a pickle, which can run code; "
+        "pass it only for folders you wrote"
+    )
+    values_help = f"; at most {MAX_VALUES} values in all"
 
     p = sub.add_parser("inspect", help="list the snapshots of a power-EMA directory and what they support")
-    p.add_argument("directory", help="directory of snapshots (phema-*.safetensors files or phema-*.dcp directories)")
+    p.add_argument("directory", help=_SNAPSHOT_DIR)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("-v", "--verbose", action="store_true", help="list every snapshot file")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("reconstruct", help="rebuild EMAs of chosen lengths from power-EMA snapshots")
-    p.add_argument("directory", help="directory of snapshots (phema-*.safetensors files or phema-*.dcp directories)")
-    p.add_argument("--sigma-rel", help="power-EMA lengths: 0.05,0.1 or a range 0.02:0.2:0.01")
-    p.add_argument("--decay", help="classic EMAs by per-step decay (fitted; see the fit error)")
-    p.add_argument("--halflife", help="classic EMAs by half-life, in the snapshots' time unit (fitted)")
-    p.add_argument("--t", type=float, default=None, help="reconstruct at this time (default: the last snapshot)")
+    p.add_argument("directory", help=_SNAPSHOT_DIR)
+    p.add_argument("--sigma-rel", help="power-EMA lengths: 0.05,0.1 or a range 0.02:0.2:0.01" + values_help)
+    p.add_argument("--decay", help="classic EMAs by per-step decay (fitted; see the fit error)" + values_help)
+    p.add_argument("--halflife", help="classic EMAs by half-life, in the snapshots' time unit (fitted)" + values_help)
+    p.add_argument(
+        "--t", type=_positive_time, default=None, help="reconstruct at this time (default: the last snapshot)"
+    )
     p.add_argument("--out", required=True, help="output directory: one ema-<length>.safetensors per length")
-    p.add_argument("--dtype", default="model", help="'model' (default: the model's dtypes), float32, float16, ...")
+    p.add_argument(
+        "--dtype", type=_dtype, default="model", help="'model' (default: the model's dtypes), float32, float16, ..."
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--trust", action="store_true", help=trust_help)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_reconstruct)
 
     p = sub.add_parser("export", help="write sharded (DCP) snapshots as single safetensors files, for storage")
     p.add_argument("path", help="a phema-*.dcp snapshot, or a directory of them")
     p.add_argument("--out", required=True, help="directory for the phema-*.safetensors files")
+    p.add_argument("--trust", action="store_true", help=trust_help + " (export needs it: it reads them)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        help="check snapshots and checkpoints without a model: readable, complete, finite",
+        description=(
+            "Check snapshot directories, snapshot files and emakit checkpoints (EMA.state_dict() saved with "
+            "torch.save; EMA.save directories with --trust). Prints one line per problem and a summary; "
+            "exit status 0: all good, 1: problems found, 2: bad arguments."
+        ),
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="snapshot directories or files, checkpoint files or directories"
+    )
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="read DCP folders (sharded snapshots, EMA.save checkpoints): "
+        "their .metadata is a pickle, which can run code; pass it only for folders you wrote",
+    )
+    p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("demo", help="train a small diffusion model, sweep EMA lengths post hoc, write a report")
     p.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-2, ... if taken)")
     p.add_argument("--quick", action="store_true", help="about a minute instead of a few")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe config overrides, e.g. steps=4000")
     p.set_defaults(run=cmd_demo)
     return parser
 
 
+class _DropDcpLogs(logging.Filter):
+    """DCP logs read failures with their tracebacks on the root logger; the CLI reports them itself, on one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch/distributed/checkpoint" not in record.pathname.replace(os.sep, "/")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (arguments, files): one line, exit status 2."""
+    from . import _dcp
+    from .snapshots import SnapshotError
+
+    errors: tuple[type[BaseException], ...] = (CommandError, SnapshotError, ValueError, ImportError, OSError)
+    errors += (getattr(_dcp, "CheckpointError", CommandError),)
+    if "torch.distributed.checkpoint" in sys.modules:  # its CheckpointException is a BaseException
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        errors += (CheckpointException,)
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 0
-    from .snapshots import SnapshotError
-
+    quiet = _DropDcpLogs()
+    logging.getLogger().addFilter(quiet)
     try:
         return args.run(args)
-    except (CommandError, SnapshotError, ValueError, ImportError, FileExistsError) as e:
-        print(f"emakit {args.command}: error: {e}", file=sys.stderr)
+    except BaseException as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        print(f"emakit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 if __name__ == "__main__":

@@ -349,6 +349,7 @@ def _parse_info(
     if not (math.isfinite(t) and t >= 0) or len(sigma_rels) != len(gammas) or not gammas:
         raise SnapshotError(f"{path}: snapshot metadata is inconsistent (t={t}, {len(gammas)} profiles)")
     _check_header_values(path, t, sigma_rels, gammas, dtype, num_updates)
+    _check_header_names(path, averaged, copied, static, model_dtypes, state_keys, aliases)
     checksums = None
     if "checksums" in meta:
         try:
@@ -385,6 +386,24 @@ def _parse_info(
         nbytes=nbytes,
         checksums=checksums,
     )
+
+
+def _check_header_names(
+    path: Path, averaged: tuple, copied: tuple, static: tuple, model_dtypes: dict, state_keys: tuple, aliases: dict
+) -> None:
+    """The header's name lists agree with each other (a damaged header fails here, not later)."""
+    lists = (averaged, copied, static, state_keys)
+    stored = [*averaged, *copied, *static]
+    keys = set(state_keys)
+    if (
+        any(not all(isinstance(n, str) for n in names) or len(set(names)) != len(names) for names in lists)
+        or len(set(stored)) != len(stored)
+        or set(model_dtypes) != set(averaged)
+        or any(n not in keys for n in stored)
+        or any(k not in keys for k in aliases)
+        or any(not isinstance(v, str) for v in aliases.values())
+    ):
+        raise SnapshotError(f"{path}: the header's tensor names do not agree with each other (corrupted header?)")
 
 
 def _check_header_values(
