@@ -410,3 +410,35 @@ def test_nan_snapshot_is_refused_at_save(tmp_path):
     with pytest.raises(emakit.NonFiniteError):
         pema.save_snapshot(tmp_path)
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_writing_a_snapshot_says_so(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, _ = trained()
+    pema = emakit.PowerEMA(model)
+    pema.update()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull }) os error 28")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*phema-000000000000001"):
+        pema.save_snapshot(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing under the final name, no temporary left
+
+
+def test_the_file_size_limit_while_writing_a_snapshot_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, signal, sys, torch, emakit\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "m = torch.nn.Linear(512, 512); p = emakit.PowerEMA(m); p.update()\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "try:\n    p.save_snapshot(sys.argv[1])\nexcept OSError as e:\n    print('OSError', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert "file-size limit" in out.stdout, out.stdout + out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -116,7 +116,13 @@ def write_then_rename(writes: list[tuple[Path, Callable[[Path], None]]], *, repl
         for final, write in writes:
             tmp = temporary_name(final)
             done.append((tmp, final))
-            write(tmp)
+            try:
+                write(tmp)
+            except Exception as e:
+                full = _disk_full(e, final)
+                if full is None:
+                    raise
+                raise full from e
             os.chmod(tmp, mode)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -131,6 +137,21 @@ def write_then_rename(writes: list[tuple[Path, Callable[[Path], None]]], *, repl
                 tmp.unlink()
     for directory in {final.parent for _, final in done}:
         fsync_dir(directory)  # make the moves durable
+
+
+def _disk_full(error: BaseException, final: Path) -> OSError | None:
+    """An ``OSError`` saying the disk (or the file-size limit) is full, if that is what ``error`` is."""
+    code = getattr(error, "errno", None)
+    text = str(error)
+    if code is None:  # libraries that wrap the OS error in their own type (safetensors: "os error 28")
+        match = re.search(r"os error (\d+)", text)
+        code = int(match.group(1)) if match else None
+    reasons = {errno.ENOSPC: "no space left on device", errno.EFBIG: "the file-size limit (ulimit -f) was reached"}
+    if hasattr(errno, "EDQUOT"):
+        reasons[errno.EDQUOT] = "the disk quota is exceeded"
+    if code not in reasons:
+        return None
+    return OSError(code, f"{reasons[code]} while writing {final}; nothing was written under that name")
 
 
 def fsync_dir(directory: Path) -> None:

@@ -232,7 +232,7 @@ class Checkpointing:
         self._assert_not_swapped("load")
         path = Path(path)
         meta = _dcp.read_metadata(where, path).state_dict_metadata
-        t, counts = self._check_header(where, _read_dcp_header(path, meta))
+        t, counts = self._check_header(where, _read_dcp_header(where, path, meta))
         promoted = self._promotable({k.removeprefix("averages.0.") for k in meta if k.startswith("averages.0.")})
         state = self._state()  # (also when the averages hold NaN: loading is how to recover)
         tensors = {f"averages.{k}.{n}": v for k, profile in enumerate(state["averages"]) for n, v in profile.items()}
@@ -265,11 +265,11 @@ def _empty_like(tensor: Tensor, stored: Any) -> Tensor:
         return torch.empty_like(tensor.detach(), dtype=dtype)
 
 
-def _read_dcp_header(path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+def _read_dcp_header(where: str, path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
     """The small entries of a DCP checkpoint (format, version, time, counters, settings) as a header."""
     keys = [k for k in meta if k in _HEADER or k.startswith("config.")]
     small: dict[str, Any] = dict.fromkeys(keys)
-    _dcp.load(small, path, flatten=False, where=f"{path}")
+    _dcp.load(small, path, flatten=False, where=where)
     header = {k: v for k, v in small.items() if not k.startswith("config.")}
     header["config"] = {k.removeprefix("config."): v for k, v in small.items() if k.startswith("config.")}
     return header

@@ -32,6 +32,10 @@ class CheckpointError(RuntimeError):
 
 
 def _failure(where: str, path, action: str, error: BaseException) -> CheckpointError:
+    failures = getattr(error, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        error = cause[0] if isinstance(cause, tuple) and isinstance(cause[0], BaseException) else error
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     detail = f"{type(error).__name__}: {first}"[:300]
     return CheckpointError(f"{where}: could not {action} {path} (truncated, corrupted or incomplete?): {detail}")

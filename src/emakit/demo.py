@@ -120,8 +120,11 @@ def run(
         snapshot_every=plan["snapshot_every"],
         progress=progress,
     )
-    if (out / "run" / "phema").exists() and not cfg.resume:
-        raise FileExistsError(f"{out / 'run'} holds an earlier run; choose another --out or remove it")
+    if (out / "run" / "phema").exists() and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(
+            f"{out / 'run'} holds an earlier run; choose another --out, or pass resume=true to continue it "
+            f"or overwrite=true to delete it"
+        )
     result = diffusion.train(cfg)
     train_s = time.perf_counter() - started
     device = result["device"]

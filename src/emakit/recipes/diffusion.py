@@ -13,7 +13,22 @@ It trains the way Stable Diffusion is trained, at the size of a CPU:
 - DDIM or DDPM sampling.
 
     python -m emakit.recipes.diffusion out_dir=runs/digits steps=8000
-    python -m emakit.recipes.diffusion out_dir=runs/digits steps=8000 --resume   # or resume=true
+    python -m emakit.recipes.diffusion out_dir=runs/digits steps=8000 --resume     # or resume=true
+    python -m emakit.recipes.diffusion out_dir=runs/digits steps=8000 --overwrite  # or overwrite=true
+
+What a run leaves in ``out_dir``: ``checkpoint.pt``, ``log.jsonl`` (one row per logged step),
+``phema/`` (power-EMA snapshots) and ``tensorboard/``. Killed at any moment (even ``kill -9``,
+even before its first checkpoint), a run resumes with ``--resume`` to the same bits as an
+uninterrupted one: the resume goes back to the checkpoint (to step 0 when there is none) and
+removes what the lost part of the run wrote after it, saying so: snapshots past the
+checkpoint's time, rows of ``log.jsonl`` past its step (the kept rows are written to a
+temporary file and renamed), TensorBoard events past it (``purge_step``). Without
+``--resume``, an ``out_dir`` that holds a run is refused before anything is touched;
+``--overwrite`` deletes that run first. A full disk (or a file size limit) while writing the
+checkpoint raises an ``OSError`` that says so, and the previous checkpoint stays valid.
+Checkpoints are written under a hidden temporary name, ``.checkpoint.pt.<host>.<pid>.tmp``,
+that nothing lists or loads; the temporary files of killed writers are removed at the next
+checkpoint write (see :func:`remove_stale_temporaries`).
 
 Needs the ``demo`` extra: ``pip install -c constraints.txt 'emakit[demo]'``.
 """
@@ -21,9 +36,13 @@ Needs the ``demo`` extra: ``pip install -c constraints.txt 'emakit[demo]'``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -64,7 +83,8 @@ class Config:
     time_unit: str = "steps"  # steps | images: the unit of t for the averages
     checkpoint_every: int = 1000
     log_every: int = 50
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir from its checkpoint (`--resume`)
+    overwrite: bool = False  # delete the run in out_dir and start again (`--overwrite`)
     progress: bool = True
 
     @classmethod
@@ -103,6 +123,8 @@ class Config:
             raise ValueError(f"time_unit must be steps or images, got time_unit={self.time_unit!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={self.ema_decay}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true continues the run in out_dir, overwrite=true deletes it: pass one of them")
 
 
 def _parse(text: str, current: Any, key: str) -> Any:
@@ -222,16 +244,181 @@ def sample(
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary name, fsync, then rename: a crash never leaves a loadable partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """torch.save to a temporary name, fsync, then rename: a crash never leaves a loadable partial file.
+
+    A full disk or a file size limit raises an ``OSError`` that says so; the previous file at
+    ``path`` is untouched and the temporary file removed.
+    """
+    tmp = _temporary(path)
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
+        # Through a Python file object, not the path: torch's own file writer reports a full disk
+        # as "unexpected pos"; this way the OSError (ENOSPC, EFBIG) survives in the exception chain.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        code = next((c for c in _errnos(e) if c in _NO_SPACE), None)
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = math.inf
+        if code is None and free >= 1 << 20:  # neither an errno nor a disk that says "full"
+            raise
+        raise OSError(
+            code or errno.ENOSPC,
+            f"no space left on device (or file size limit) while writing {path} ({free / 2**20:.1f} MiB free "
+            f"there); the previous {path.name} is intact. Free some space (or raise the file size limit, "
+            f"`ulimit -f`) and continue with --resume",
+        ) from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _errnos(e: BaseException | None):
+    """The errno of an exception and of those it was raised from or during (torch wraps OSErrors)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield getattr(e, "errno", None)
+        e = e.__cause__ or e.__context__
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename into ``directory`` durable, where the platform allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+# The recipe's temporary names; nothing else in out_dir is ever removed as a temporary (the
+# snapshots' temporaries in phema/ are emakit's, which removes those of dead writers itself).
+_TEMPORARY = re.compile(r"^\.(checkpoint\.pt|log\.jsonl)\.(?P<writer>.+)\.tmp$")
+
+
+def _temporary(path: Path) -> Path:
+    """The hidden name ``path`` is written under before the rename: ``.<name>.<host>.<pid>.tmp``."""
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(directory: Path, max_age_s: float = 3600.0) -> list[Path]:
+    """Delete the temporary files that killed writers of this recipe left in ``directory``; returns them.
+
+    A temporary file (``.checkpoint.pt.<host>.<pid>.tmp``, ``.log.jsonl.<host>.<pid>.tmp``) is
+    stale when it was written on this host by a process that is not alive, or by this process
+    (pids are reused, e.g. in containers, and this process writes one file at a time, never
+    while calling this); or, whatever its name (another host on a shared file system, an older
+    name without a pid), when it has not been modified for ``max_age_s`` seconds: a live
+    writer keeps its file's mtime fresh. Files of live writers are left alone.
+    """
+    removed = []
+    if not directory.is_dir():
+        return removed
+    now = time.time()
+    for path in directory.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        host, _, pid = match["writer"].rpartition(".")
+        dead = host == _HOST and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid)))
+        try:
+            stale = dead or now - path.stat().st_mtime > max_age_s
+        except FileNotFoundError:
+            continue  # its writer renamed or removed it meanwhile
+        if stale:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate it on Windows: judge by age alone
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def cut_log(path: Path, step: int) -> int:
+    """Keep the rows of the JSONL log ``path`` up to ``step`` (atomically); returns how many were dropped.
+
+    Rows are kept as written. A row whose step does not follow the previous one starts a
+    restarted part of the run and replaces the rows it repeats (logs of earlier versions of
+    this recipe kept them), and a torn last line (a kill in the middle of a write) is dropped.
+    """
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept: list[tuple[int, str]] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                continue  # torn by a kill in the middle of the write
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON row with a step, got {line[:80]!r}; "
+                f"fix or delete that line and resume again"
+            ) from None
+        while kept and kept[-1][0] >= row_step:
+            kept.pop()
+        kept.append((row_step, line if line.endswith("\n") else line + "\n"))
+    kept = [(s, line) for s, line in kept if s <= step]
+    if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
+        return 0
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(line for _, line in kept)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    _fsync_dir(path.parent)
+    return len(lines) - len(kept)
+
+
+def run_files(out: Path) -> list[Path]:
+    """What a run leaves in ``out``: checkpoint, log, snapshots, TensorBoard events (not temporaries)."""
+    found = [p for p in (out / "checkpoint.pt", out / "log.jsonl") if p.exists()]
+    if (out / "phema").is_dir():
+        found += snapshots.snapshot_paths(out / "phema")
+    if (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir()):
+        found.append(out / "tensorboard")
+    return found
+
+
+def _describe(paths: list[Path], out: Path) -> str:
+    snaps = [p for p in paths if p.parent.name == "phema"]
+    names = [p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in paths if p not in snaps]
+    if snaps:
+        names.append(f"{len(snaps)} snapshot{'s' * (len(snaps) != 1)} in phema/")
+    return ", ".join(names)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 # --------------------------------------------------------------------------- training
@@ -252,9 +439,21 @@ def resolve(cfg: Config) -> tuple[torch.device, torch.dtype | None, bool]:
 def train(cfg: Config) -> dict:
     """Train (or resume) a run in ``cfg.out_dir``; returns the paths and the final state."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device, amp_dtype, use_scaler = resolve(cfg)
     data, _ = load_digits_tensor()
+    # Never write over a run by accident: it is continued (resume) or deleted on request (overwrite).
+    earlier = [] if cfg.resume else run_files(out)
+    if earlier and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({_describe(earlier, out)}); nothing was changed. Pass --resume "
+            f"(resume=true) to continue it, or --overwrite (overwrite=true) to delete it and start again, "
+            f"or choose another out_dir"
+        )
+    if earlier:
+        print(f"overwrite=true: deleting the run in {out}: {_describe(earlier, out)}", file=sys.stderr)
+        for path in earlier:
+            _remove(path)
+    out.mkdir(parents=True, exist_ok=True)
     data = data.to(device)
     torch.manual_seed(cfg.seed)
     model = Denoiser(cfg.hidden).to(device)
@@ -275,6 +474,7 @@ def train(cfg: Config) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     step = 0
     ckpt_path = out / "checkpoint.pt"
+    log_path = out / "log.jsonl"
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
         model.load_state_dict(ckpt["model"])
@@ -286,18 +486,26 @@ def train(cfg: Config) -> dict:
         short.load_state_dict(ckpt["short"])
         gen.set_state(ckpt["generator"])
         step = ckpt["step"]
-        # Snapshots written after this checkpoint belong to the lost part of the run; the
-        # resumed run writes them again, identically.
-        if snap_dir.is_dir():
-            for path in snapshots.snapshot_paths(snap_dir):
-                if snapshots.read_info(path).t > pema.t:
-                    path.unlink()
     elif cfg.resume:
         print(f"resume=true but no checkpoint in {out}: starting from scratch", file=sys.stderr)
+    if cfg.resume:
+        # Snapshots and log rows written after the checkpoint (all of them when there is none)
+        # belong to the lost part of the run; the resumed run writes them again, identically.
+        lost = snapshots.snapshot_paths(snap_dir) if snap_dir.is_dir() else []
+        lost = [p for p in lost if snapshots.read_info(p).t > pema.t]
+        for path in lost:
+            _remove(path)
+        dropped = cut_log(log_path, step)
+        if lost or dropped:
+            print(
+                f"resuming at step {step}: removed what the lost part of the run wrote after it: "
+                f"{len(lost)} snapshot(s) from {snap_dir}, {dropped} row(s) from {log_path}",
+                file=sys.stderr,
+            )
 
-    log_path = out / "log.jsonl"
-    log = open(log_path, "a" if step else "w")
-    writer = _tensorboard(out)
+    log = open(log_path, "a")
+    # purge_step hides TensorBoard events the lost part of the run logged past the checkpoint.
+    writer = _tensorboard(out, purge_step=step + 1 if cfg.resume else None)
     bar = _progress(cfg, step)
     micro = cfg.batch_size // cfg.accum_steps
     model.train()
@@ -338,6 +546,13 @@ def train(cfg: Config) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", refresh=False)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                # The rows up to this step reach the disk before the checkpoint that says they are done
+                # (an fsync per checkpoint): a resume keeps the rows up to its step and drops the rest.
+                log.flush()
+                os.fsync(log.fileno())
+                if writer is not None:
+                    writer.flush()
+                remove_stale_temporaries(out)
                 save_atomic(
                     {
                         "config": dataclasses.asdict(cfg),
@@ -391,19 +606,23 @@ def _progress(cfg: Config, initial: int):
     return tqdm(total=cfg.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=interval)
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None  # TensorBoard is optional: the JSONL log is always written
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    args = ["resume=true" if a == "--resume" else a for a in args]  # `--resume` reads as resume=true
-    cfg = Config.from_overrides(args)
-    result = train(cfg)
+    flags = {"--resume": "resume=true", "--overwrite": "overwrite=true"}  # `--resume` reads as resume=true
+    try:
+        cfg = Config.from_overrides([flags.get(a, a) for a in args])
+        result = train(cfg)
+    except (ValueError, OSError) as e:  # a bad config, a run in the way, a full disk: the message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"trained to step {cfg.steps}; log {result['log']}, snapshots {result['snapshots']}")
     return 0
 
