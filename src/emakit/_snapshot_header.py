@@ -1,0 +1,237 @@
+"""The snapshot header: file names, metadata fields, their validation, and per-tensor checksums.
+
+Owns what a snapshot *says* about itself, whatever file holds it (single-file safetensors or
+a sharded DCP directory): the format name and version, the time in the file name, each
+profile's ``sigma_rel`` and ``gamma``, the tensor names and dtypes, the CRC-32 of every
+tensor, and the checks that reject a damaged or edited header with a
+:class:`SnapshotError` naming the file. Reads and writes no file (:mod:`emakit.snapshots`
+does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+FORMAT = "emakit.phema"
+VERSION = 1
+_PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.safetensors$")
+_DCP_PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.dcp$")
+_DCP_INFO = "emakit.json"
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
+
+
+class SnapshotError(ValueError):
+    """A snapshot file or directory that cannot be used; the message names the file."""
+
+
+
+def checksum(tensor: Tensor) -> str:
+    """CRC-32 of a tensor's bytes, as 8 hex digits (what snapshot headers store per tensor)."""
+    flat = tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+    return f"{zlib.crc32(flat.cpu().numpy().data):08x}"
+
+
+#: safetensors' names of the dtypes snapshots hold.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str, where: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SnapshotError(f"{where}: unknown dtype {name!r}")
+    return dtype
+
+
+def time_label(t: float) -> str:
+    """File-name form of a time: zero-padded when whole (so names sort by time), else ``repr``."""
+    if float(t).is_integer() and abs(t) < 1e15:
+        return f"{int(t):015d}"
+    return repr(float(t))
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What a snapshot file holds, read from its header only."""
+
+    path: Path
+    t: float
+    num_updates: int
+    sigma_rels: tuple[float, ...]
+    gammas: tuple[float, ...]
+    dtype: torch.dtype  # storage dtype of the averages
+    averaged: tuple[str, ...]
+    copied: tuple[str, ...]
+    static: tuple[str, ...]
+    model_dtypes: Mapping[str, torch.dtype]
+    shapes: Mapping[str, tuple[int, ...]]
+    keys: tuple[str, ...]  # the model's state-dict keys, in order
+    aliases: Mapping[str, str]  # key -> stored name, for tied tensors
+    nbytes: int
+    sharded: bool = False  # a DCP directory written by several ranks
+    flat: tuple[str, ...] = ()  # names stored flattened (DeepSpeed ZeRO-3), reshaped on reading
+    checksums: Mapping[str, str] | None = None  # key -> CRC-32 (hex) of its bytes; None in older files
+
+    @property
+    def num_profiles(self) -> int:
+        """How many profiles (tracked ``sigma_rel`` values) the snapshot holds."""
+        return len(self.gammas)
+
+
+def _metadata(
+    *,
+    t: float,
+    num_updates: int,
+    sigma_rels: list[float],
+    gammas: list[float],
+    averaged: list[str],
+    copied: list[str],
+    static: list[str],
+    model_dtypes: dict[str, torch.dtype],
+    dtype: torch.dtype,
+    keys: list[str],
+    aliases: dict[str, str],
+) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "t": repr(t),
+        "num_updates": str(num_updates),
+        "sigma_rels": json.dumps([float(s) for s in sigma_rels]),
+        "gammas": json.dumps([float(g) for g in gammas]),
+        "dtype": dtype_name(dtype),
+        "averaged": json.dumps(averaged),
+        "copied": json.dumps(copied),
+        "static": json.dumps(static),
+        "model_dtypes": json.dumps({n: dtype_name(d) for n, d in model_dtypes.items()}),
+        "keys": json.dumps(keys),
+        "aliases": json.dumps(aliases),
+    }
+
+
+def file_name(t: float, suffix: str = ".safetensors") -> str:
+    """Name of the snapshot at time ``t``."""
+    return f"phema-{time_label(t)}{suffix}"
+
+
+def _parse_info(
+    path: Path, meta: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], nbytes: int
+) -> SnapshotInfo:
+    keys = list(shapes)
+    if meta.get("format") != FORMAT:
+        raise SnapshotError(f"{path}: not an emakit power-EMA snapshot (format={meta.get('format')!r})")
+    try:
+        version = int(meta["version"])
+        if version > VERSION:
+            raise SnapshotError(
+                f"{path}: snapshot format version {version} is newer than this emakit reads ({VERSION})"
+            )
+        t = float(meta["t"])
+        sigma_rels = tuple(float(s) for s in json.loads(meta["sigma_rels"]))
+        gammas = tuple(float(g) for g in json.loads(meta["gammas"]))
+        averaged = tuple(json.loads(meta["averaged"]))
+        copied = tuple(json.loads(meta["copied"]))
+        static = tuple(json.loads(meta["static"]))
+        model_dtypes = {n: parse_dtype(d, str(path)) for n, d in json.loads(meta["model_dtypes"]).items()}
+        dtype = parse_dtype(meta["dtype"], str(path))
+        num_updates = int(meta["num_updates"])
+        state_keys = tuple(json.loads(meta["keys"]))
+        aliases = dict(json.loads(meta["aliases"]))
+    except SnapshotError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:
+        raise SnapshotError(f"{path}: snapshot metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
+    if not (math.isfinite(t) and t >= 0) or len(sigma_rels) != len(gammas) or not gammas:
+        raise SnapshotError(f"{path}: snapshot metadata is inconsistent (t={t}, {len(gammas)} profiles)")
+    _check_header_values(path, t, sigma_rels, gammas, dtype, num_updates)
+    _check_header_names(path, averaged, copied, static, model_dtypes, state_keys, aliases)
+    checksums = None
+    if "checksums" in meta:
+        try:
+            checksums = dict(json.loads(meta["checksums"]))
+        except (ValueError, TypeError) as e:
+            raise SnapshotError(f"{path}: snapshot checksums are malformed ({e})") from None
+        if set(checksums) != set(keys):
+            raise SnapshotError(f"{path}: snapshot checksums do not cover its tensors (corrupted header?)")
+    expected = {f"avg.{j}/{n}" for j in range(len(gammas)) for n in averaged}
+    expected |= {f"copy/{n}" for n in copied} | {f"static/{n}" for n in static}
+    if expected != set(keys):
+        missing = sorted(expected - set(keys))
+        extra = sorted(set(keys) - expected)
+        raise SnapshotError(
+            f"{path}: tensors do not match the metadata (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    named_shapes = {n: shapes[f"avg.0/{n}"] for n in averaged}
+    named_shapes.update({n: shapes[f"copy/{n}"] for n in copied})
+    named_shapes.update({n: shapes[f"static/{n}"] for n in static})
+    return SnapshotInfo(
+        path=path,
+        t=t,
+        num_updates=num_updates,
+        sigma_rels=sigma_rels,
+        gammas=gammas,
+        dtype=dtype,
+        averaged=averaged,
+        copied=copied,
+        static=static,
+        model_dtypes=model_dtypes,
+        shapes=named_shapes,
+        keys=state_keys,
+        aliases=aliases,
+        nbytes=nbytes,
+        checksums=checksums,
+    )
+
+
+def _check_header_names(
+    path: Path, averaged: tuple, copied: tuple, static: tuple, model_dtypes: dict, state_keys: tuple, aliases: dict
+) -> None:
+    """The header's name lists agree with each other (a damaged header fails here, not later)."""
+    lists = (averaged, copied, static, state_keys)
+    stored = [*averaged, *copied, *static]
+    keys = set(state_keys)
+    if (
+        any(not all(isinstance(n, str) for n in names) or len(set(names)) != len(names) for names in lists)
+        or len(set(stored)) != len(stored)
+        or set(model_dtypes) != set(averaged)
+        or any(n not in keys for n in stored)
+        or any(k not in keys for k in aliases)
+        or any(not isinstance(v, str) for v in aliases.values())
+    ):
+        raise SnapshotError(f"{path}: the header's tensor names do not agree with each other (corrupted header?)")
+
+
+def _check_header_values(
+    path: Path, t: float, sigma_rels: tuple, gammas: tuple, dtype: torch.dtype, num_updates: int
+) -> None:
+    """The header's numbers are what a snapshot can hold: ``t`` as in the file name, gammas of the sigma_rels."""
+    match = (_PATTERN if path.suffix == ".safetensors" else _DCP_PATTERN).match(path.name)
+    if match is not None and float(match["t"]) != t:
+        raise SnapshotError(f"{path}: the header says t={t:g}, the file name t={float(match['t']):g}")
+    from .schedules import SIGMA_REL_MAX, sigma_rel_to_gamma
+
+    for s, g in zip(sigma_rels, gammas):
+        if not (math.isfinite(s) and 0 < s < SIGMA_REL_MAX and math.isfinite(g)):
+            raise SnapshotError(f"{path}: the header holds sigma_rel={s}, gamma={g}: not a power profile")
+        if not math.isclose(sigma_rel_to_gamma(s), g, rel_tol=1e-6):
+            raise SnapshotError(
+                f"{path}: the header's gamma={g} does not belong to its sigma_rel={s} "
+                f"(expected {sigma_rel_to_gamma(s):.6g})"
+            )
+    if not dtype.is_floating_point:
+        raise SnapshotError(f"{path}: the header says the averages are {dtype}, not a floating dtype")
+    if num_updates < 0:
+        raise SnapshotError(f"{path}: the header says num_updates={num_updates}")
