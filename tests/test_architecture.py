@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "_model": 0,
     "_time": 0,
     "_atomic": 0,
+    "_profiles": 0,
     "_peer_schedules": 1,
     "_snapshot_header": 1,
     "_peer_options": 2,

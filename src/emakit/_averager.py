@@ -257,20 +257,8 @@ class _Averager(Checkpointing):
         or Inf that entered an average stays there, so checking at use loses nothing but the
         exact update, which the error brackets (finite when last checked, non-finite now).
         """
-        # A sum is NaN or Inf when any element is (fast: one read, no temporary); a huge but finite
-        # sum can overflow, so a non-finite sum is confirmed element by element.
-        sums: dict[torch.device, list[Tensor]] = {}
-        for group in self._storage.groups:
-            sums.setdefault(group.device, []).append(group.buffer.sum())
-        if all(bool(torch.isfinite(torch.stack(ss)).all()) for ss in sums.values()):
-            self._finite_at = (self.num_updates, self.t)
-            return
-        bad = None
-        for k in range(self._num_profiles):
-            for name, view, _, _ in self._storage.tensors(k):
-                if bad is None and not bool(view.isfinite().all()):
-                    bad = name
-        if bad is None:  # only the sum overflowed
+        bad = self._storage.first_nonfinite()
+        if bad is None:
             self._finite_at = (self.num_updates, self.t)
             return
         updates, t = getattr(self, "_finite_at", (0, 0))

@@ -345,6 +345,23 @@ class Storage:
             out[name] = view if layout is None else layout.wrap(view)
         return out
 
+    def first_nonfinite(self) -> str | None:
+        """The name of the first average holding NaN or Inf, or None; one host sync per device.
+
+        A sum is NaN or Inf when any element is (one read, no temporary); a huge but finite
+        sum can overflow, so a non-finite sum is confirmed tensor by tensor.
+        """
+        sums: dict[torch.device, list[Tensor]] = {}
+        for group in self.groups:
+            sums.setdefault(group.device, []).append(group.buffer.sum())
+        if all(bool(torch.isfinite(torch.stack(ss)).all()) for ss in sums.values()):
+            return None
+        for k in range(self.num_profiles):
+            for name, view, _, _ in self.tensors(k):
+                if not bool(view.isfinite().all()):
+                    return name
+        return None  # only a sum overflowed
+
     def model_shapes(self) -> dict[str, torch.Size]:
         """The model's shape of every averaged tensor."""
         return {
