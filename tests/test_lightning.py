@@ -570,3 +570,20 @@ def test_state_keys_are_stable_across_processes():
     assert (
         PowerEMACallback(time="samples").state_key == "PowerEMACallback{'sigma_rels': (0.05, 0.1), 'time': 'samples'}"
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["on-gpu", "averages-on-cpu"])
+def test_callback_on_cuda(tmp_path, device):
+    """The callback on a GPU: averages beside the weights, or kept on the CPU (``device="cpu"``)."""
+    record = Trajectory()
+    callback = EMACallback(decay=0.8, device=device)
+    run = trainer(accelerator="gpu", max_steps=12, callbacks=[callback, record])
+    run.fit(Net(), loader(12 * BATCH))
+    assert callback.ema.num_updates == 12
+    want = float64_ema([{k: v.cpu() for k, v in s.items()} for s in record.states], [0.8] * 12)
+    got = callback.ema.averaged_state_dict(dtype="average")
+    assert got["net.0.weight"].device.type == ("cpu" if device == "cpu" else "cuda")
+    for name, value in want.items():
+        if value.is_floating_point():
+            assert_close(got[name].double().cpu(), value, rtol=0, atol=1e-5, msg=name)
