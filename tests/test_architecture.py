@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "_profiles": 0,
     "_peer_schedules": 1,
     "_snapshot_header": 1,
+    "_sweep": 1,
     "_peer_options": 2,
     "_peer_formats": 1,
     "_peer_checkpoints": 2,

@@ -149,27 +149,28 @@ def run(
 
     raw_state = {k: v.clone() for k, v in model.state_dict().items()}
     states: dict[str, dict] = {"raw": raw_state}
-    rows = []
     if result["ema"] is not None:
         states["ema"] = result["ema"].averaged_state_dict()
     short_name = f"sigma_rel={cfg.short_sigma_rel:g}"
     states[short_name] = result["short"].averaged_state_dict()
-    snaps = posthoc.list_snapshots(result["snapshots"])
-    sweep = [s for s in SWEEP if s >= min(cfg.sigma_rels) - 1e-12]
-    fits = {s: posthoc.solve_coefficients(snaps, sigma_rel=s, warn=False) for s in sweep}
-    for s, state in zip(sweep, posthoc.reconstruct(snaps, sigma_rel=list(sweep), progress=False)):
-        states[f"sigma_rel={s:g}"] = state
-    samples_by_name = {}
-    for name, state in states.items():
+    rows, samples_by_name = [], {}
+    for name, state in states.items():  # the references: raw weights, classic EMA, the short tracked profile
         fd, samples_by_name[name] = score(state)
         row = {"name": name, "sigma_rel": None, "metric": fd}
         if name == short_name:
             row.update(sigma_rel=cfg.short_sigma_rel, tracked=True)
-        elif name.startswith("sigma_rel="):
-            sr = float(name.split("=")[1])
-            row.update(sigma_rel=sr, fit_error=fits[sr].fit_error)
         rows.append(row)
+    # Post hoc: every EMA length of the sweep, rebuilt from the snapshots and scored by posthoc.sweep.
+    snaps = posthoc.list_snapshots(result["snapshots"])
+    grid = [s for s in SWEEP if s >= min(cfg.sigma_rels) - 1e-12]
+    swept = posthoc.sweep(snaps, lambda m: score(None)[0], model=model, sigma_rel=grid)
+    for r in swept.rows:
+        rows.append({"name": f"sigma_rel={r['sigma_rel']:g}", "sigma_rel": r["sigma_rel"], "metric": r["metric"],
+                     "fit_error": r["fit_error"]})  # fmt: skip
     best = min(rows, key=lambda r: r["metric"])
+    if best["name"] not in states:  # a post-hoc length: rebuild it for its samples and the noise
+        states[best["name"]] = posthoc.reconstruct(snaps, sigma_rel=best["sigma_rel"], progress=False)
+        samples_by_name[best["name"]] = score(states[best["name"]])[1]
     # Seed-to-seed noise of the metric: sample the best entry again with other seeds.
     repeats = [score(states[best["name"]], sample_seed=k)[0] for k in range(1, plan["noise_seeds"] + 1)]
     noise = float(torch.tensor([best["metric"], *repeats], dtype=torch.float64).std())

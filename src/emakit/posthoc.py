@@ -20,14 +20,16 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from . import schedules
 from ._profiles import _exponential_norm, exponential_inner, power_inner
+from ._sweep import SweepResult, as_metrics, check_grid, golden_section, write_report
 from .snapshots import SnapshotError, SnapshotInfo, open_tensors, read_info, require_trust, snapshot_paths
 
 __all__ = [
@@ -41,6 +43,9 @@ __all__ = [
     "solve_coefficients",
     "reconstruct",
     "reliable_range",
+    "sweep",
+    "SweepResult",
+    "DEFAULT_SWEEP",
 ]
 
 #: Relative profile error above which a request is reported as poorly supported.
@@ -419,3 +424,117 @@ def _progress(total: int, enabled: bool):
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc="reconstruct", unit="tensor", leave=False)
+
+
+# --------------------------------------------------------------------------- sweep
+
+#: sigma_rel values a sweep evaluates by default: a log grid from 0.01 to 0.25.
+DEFAULT_SWEEP = tuple(round(0.01 * 25 ** (i / 11), 4) for i in range(12))
+
+
+def sweep(
+    snaps: str | os.PathLike | Iterable[SnapshotInfo],
+    evaluate: Callable[[torch.nn.Module], float | Mapping[str, float]],
+    *,
+    model: torch.nn.Module,
+    sigma_rel: Sequence[float] = DEFAULT_SWEEP,
+    t: float | None = None,
+    metric: str | None = None,
+    lower_is_better: bool = True,
+    search: bool = False,
+    max_evaluations: int | None = None,
+    references: Mapping[str, float] | None = None,
+    out: str | os.PathLike | None = None,
+    plot: bool = True,
+    max_memory: int = 1 << 30,
+    trust: bool = False,
+) -> SweepResult:
+    """Reconstruct each EMA length, load it into ``model``, score it with ``evaluate(model)``; find the best.
+
+    ``evaluate`` returns a float or a dict of floats (``metric=`` names the one that ranks,
+    default its first key); lower is better unless ``lower_is_better=False``. The model
+    holds its own weights again afterwards (also when ``evaluate`` raises). Returns a
+    :class:`SweepResult`: per length the fit error and noise gain of the solve, the metrics,
+    and the best row.
+
+    Memory: the snapshot files are read once per batch of lengths; a batch holds as many
+    reconstructions as fit in ``max_memory`` bytes (each is one fp32 copy of the averaged
+    tensors, at least one per batch), so the whole sweep reads the files once when they fit.
+
+    ``search=True`` evaluates far fewer lengths: a golden-section search over
+    ``log(sigma_rel)`` between the smallest and largest ``sigma_rel`` given, clipped to the
+    range the snapshots reconstruct reliably (:func:`reliable_range`), with
+    ``max_evaluations`` (default: half the grid, at least 4). The EMA-length curve is
+    U-shaped, so it converges on the bottom of the U.
+
+    ``out=`` writes ``report.json``, ``report.md`` (the answer first) and ``sweep.png`` (log
+    x axis; ``references``, e.g. ``{"raw weights": 32.9}``, as horizontal lines).
+
+        result = posthoc.sweep("run/phema", evaluate=fid, model=model, out="run/sweep")
+        model.load_state_dict(posthoc.reconstruct("run/phema", sigma_rel=result.best["sigma_rel"]))
+    """
+    if not callable(evaluate):
+        raise TypeError(f"sweep: evaluate must be callable evaluate(model) -> float | dict, got {evaluate!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"sweep: model must be a torch.nn.Module, got {type(model).__name__}")
+    grid = check_grid(sigma_rel)
+    infos = _as_infos(snaps)
+    backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    scored: dict[float, dict] = {}
+    names: list[str] = []
+
+    def score_batch(values: list[float]) -> None:
+        with warnings.catch_warnings():  # the table reports each fit error (and "reliable") instead
+            warnings.filterwarnings("ignore", message="posthoc:", category=UserWarning)
+            states = reconstruct(infos, sigma_rel=values, t=t, progress=False, trust=trust)
+        for s, state in zip(values, states):
+            model.load_state_dict(state)
+            metrics, name = as_metrics(evaluate(model), metric)
+            names.append(name)
+            sol = solve_coefficients(infos, sigma_rel=s, t=t, warn=False)
+            scored[s] = {
+                "sigma_rel": s, "fit_error": sol.fit_error, "reliable": sol.fit_error <= FIT_ERROR_WARN,
+                "noise_gain": sol.noise_gain, "metrics": metrics, "metric": metrics[name],
+            }  # fmt: skip
+
+    try:
+        if search:
+            _search(infos, grid, t, score_batch, scored, max_evaluations, lower_is_better)
+        else:
+            per_output = 4 * sum(math.prod(infos[-1].shapes[n]) for n in infos[-1].averaged)
+            batch = max(1, int(max_memory // max(per_output, 1)))
+            for i in range(0, len(grid), batch):
+                score_batch(grid[i : i + batch])
+    finally:
+        model.load_state_dict(backup)
+    result = SweepResult(
+        rows=tuple(scored[s] for s in sorted(scored)),
+        metric_name=names[0],
+        lower_is_better=lower_is_better,
+        evaluations=len(scored),
+        references=dict(references or {}),
+    )
+    if out is not None:
+        write_report(Path(out), result, plot=plot)
+    return result
+
+
+def _search(infos, grid, t, score_batch, scored, max_evaluations, lower_is_better) -> None:
+    budget = max_evaluations if max_evaluations is not None else max(4, len(grid) // 2)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
+        raise ValueError(f"sweep: max_evaluations must be an int >= 2, got max_evaluations={max_evaluations!r}")
+    lo, hi = grid[0], grid[-1]
+    reliable = reliable_range(infos, t=t)
+    if reliable is not None:
+        lo, hi = max(lo, reliable[0]), min(hi, reliable[1])
+    if not lo < hi:
+        raise ValueError(
+            f"sweep: no sigma_rel in [{grid[0]:g}, {grid[-1]:g}] is reconstructed reliably from these snapshots "
+            f"(reliable range: {reliable}); widen sigma_rel or use search=False"
+        )
+
+    def one(s: float) -> float:
+        score_batch([s])
+        return scored[s]["metric"]
+
+    golden_section(one, lo, hi, budget, lower_is_better)
