@@ -43,6 +43,7 @@ class SweepResult:
         return pick(self.rows, key=lambda r: r["metric"])
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON-ready values (what ``report.json`` holds)."""
         return {
             "metric_name": self.metric_name,
             "lower_is_better": self.lower_is_better,
