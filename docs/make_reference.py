@@ -20,7 +20,7 @@ PACKAGE = ROOT / "src" / "emakit"
 OUT = ROOT / "docs" / "reference.md"
 
 #: Public modules, in the order they are documented (the optional integrations last).
-MODULES = ["emakit", "schedules", "posthoc", "snapshots", "migrate", "distributed", "kernels", "lightning"]
+MODULES = ["emakit", "schedules", "posthoc", "planning", "snapshots", "migrate", "distributed", "kernels", "lightning"]
 
 
 def _tree(module: str) -> ast.Module:

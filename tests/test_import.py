@@ -18,6 +18,7 @@ OPTIONAL = [
     "torch_ema",
     "scipy",
     "sklearn",
+    "numpy",
 ]
 
 

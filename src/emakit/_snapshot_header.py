@@ -10,6 +10,7 @@ does).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import re
@@ -38,7 +39,11 @@ class SnapshotError(ValueError):
 def checksum(tensor: Tensor) -> str:
     """CRC-32 of a tensor's bytes, as 8 hex digits (what snapshot headers store per tensor)."""
     flat = tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
-    return f"{zlib.crc32(flat.cpu().numpy().data):08x}"
+    flat = flat.cpu()
+    if flat.numel() == 0:
+        return f"{zlib.crc32(b''):08x}"
+    view = (ctypes.c_char * flat.numel()).from_address(flat.data_ptr())  # the bytes in place (no numpy, no copy)
+    return f"{zlib.crc32(view):08x}"
 
 
 #: safetensors' names of the dtypes snapshots hold.
@@ -84,6 +89,9 @@ class SnapshotInfo:
     sharded: bool = False  # a DCP directory written by several ranks
     flat: tuple[str, ...] = ()  # names stored flattened (DeepSpeed ZeRO-3), reshaped on reading
     checksums: Mapping[str, str] | None = None  # key -> CRC-32 (hex) of its bytes; None in older files
+    encoding: str = "fp32"  # "fp32": plain tensors (also fp16/bf16 ones); "compact": see emakit._encoding
+    reference: float | None = None  # compact delta snapshot: the t of the snapshot it is relative to
+    scales: Mapping[str, float] | None = None  # compact delta snapshot: avg key -> its delta's scale
 
     @property
     def num_profiles(self) -> int:
@@ -125,6 +133,27 @@ def _metadata(
 def file_name(t: float, suffix: str = ".safetensors") -> str:
     """Name of the snapshot at time ``t``."""
     return f"phema-{time_label(t)}{suffix}"
+
+
+#: Encodings of single-file snapshots (the ``encoding`` header field; absent means ``"fp32"``).
+ENCODINGS = ("fp32", "compact")
+
+
+def _compact_fields(path: Path, meta: Mapping[str, str], t: float) -> tuple[dict, float | None, dict | None]:
+    """A compact snapshot's model shapes of its averages, reference time and delta scales."""
+    try:
+        shapes = {k: tuple(int(n) for n in v) for k, v in json.loads(meta["shapes"]).items()}
+        reference = float(meta["reference"]) if "reference" in meta else None
+        scales = {k: float(v) for k, v in json.loads(meta["scales"]).items()} if reference is not None else None
+    except (KeyError, ValueError, TypeError) as e:
+        raise SnapshotError(
+            f"{path}: compact snapshot header is incomplete or malformed ({type(e).__name__}: {e})"
+        ) from None
+    if reference is not None and not (math.isfinite(reference) and 0 <= reference < t):
+        raise SnapshotError(f"{path}: compact snapshot at t={t:g} is relative to t={reference:g}; expected t < {t:g}")
+    if scales is not None and (set(scales) != set(shapes) or not all(math.isfinite(v) and v >= 0 for v in scales.values())):
+        raise SnapshotError(f"{path}: compact snapshot scales do not cover its averages or are not finite (corrupted?)")
+    return shapes, reference, scales
 
 
 def _parse_info(
@@ -174,6 +203,15 @@ def _parse_info(
         raise SnapshotError(
             f"{path}: tensors do not match the metadata (missing {missing[:3]}, unexpected {extra[:3]})"
         )
+    encoding = meta.get("encoding", "fp32")
+    if encoding not in ENCODINGS:
+        raise SnapshotError(f"{path}: unknown snapshot encoding {encoding!r}; expected one of {ENCODINGS}")
+    reference = scales = None
+    if encoding == "compact":
+        model_shapes, reference, scales = _compact_fields(path, meta, t)
+        if set(model_shapes) != {k for k in keys if k.startswith("avg.")}:
+            raise SnapshotError(f"{path}: compact snapshot shapes do not cover its averages (corrupted header?)")
+        shapes = {**shapes, **model_shapes}
     named_shapes = {n: shapes[f"avg.0/{n}"] for n in averaged}
     named_shapes.update({n: shapes[f"copy/{n}"] for n in copied})
     named_shapes.update({n: shapes[f"static/{n}"] for n in static})
@@ -193,6 +231,9 @@ def _parse_info(
         aliases=aliases,
         nbytes=nbytes,
         checksums=checksums,
+        encoding=encoding,
+        reference=reference,
+        scales=scales,
     )
 
 

@@ -6,6 +6,8 @@ emakit reconstruct run/phema --sigma-rel 0.02:0.20:0.01 --out run/ema --dtype fl
 emakit reconstruct run/phema --halflife 2000 --out run/ema      # a classic EMA, fitted
 emakit export run/phema --out archive/phema --trust              # sharded (DCP) -> single files
 emakit verify run/phema run/ema.pt                               # readable, complete, finite?
+emakit plan --steps 100000 --sigma-rel 0.03:0.2 --max-fit-error 1e-3  # profiles + interval, fewest bytes
+emakit prune run/phema --sigma-rel 0.05:0.15 --max-fit-error 1e-3 --dry-run
 
 Every bad argument or unreadable input is one line on stderr and exit status 2 (``verify``:
 1 when it found problems). Sharded snapshots (``phema-*.dcp``) hold a pickled DCP
@@ -220,7 +222,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "static_tensors": len(first.static),
         "total_bytes": sum(s.nbytes for s in snaps),
         "reliable_sigma_rel": reliable,
-        "files": [{"t": s.t, "file": s.path.name, "bytes": s.nbytes} for s in snaps],
+        "files": [
+            {"t": s.t, "file": s.path.name, "bytes": s.nbytes, "encoding": s.encoding, "reference": s.reference}
+            for s in snaps
+        ],
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -232,7 +237,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  {len(first.averaged)} averaged tensors ({numel:,} elements per profile), {len(first.copied)} copied, "
         f"{len(first.static)} static; stored as {summary['dtype']}"
     )
-    print(f"  size: {summary['total_bytes'] / 2**20:.1f} MiB")
+    encodings = sorted({s.encoding for s in snaps})
+    print(f"  size: {summary['total_bytes'] / 2**20:.1f} MiB; encoding: {', '.join(encodings)}")
     if reliable:
         print(
             f"  reliable sigma_rel range at t={snaps[-1].t:g}: {reliable[0]:.3f} … {reliable[1]:.3f} "
@@ -242,7 +248,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("  no sigma_rel is reconstructed reliably from these snapshots")
     if args.verbose:
         for s in snaps:
-            print(f"    t={s.t:<12g} {s.path.name}  {s.nbytes / 2**20:.1f} MiB")
+            how = s.encoding if s.encoding != "compact" else (
+                "compact keyframe" if s.reference is None else f"compact delta to t={s.reference:g}"
+            )
+            print(f"    t={s.t:<12g} {s.path.name}  {s.nbytes / 2**20:.1f} MiB  {how}")
     return 0
 
 
@@ -425,6 +434,81 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _sigma_range(text: str) -> tuple[float, float]:
+    """``--sigma-rel LOW:HIGH`` (a range of lengths, not a list) for plan and prune."""
+    parts = text.split(":")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a range LOW:HIGH such as 0.03:0.2, got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise argparse.ArgumentTypeError(f"expected a range LOW:HIGH with 0 < LOW <= HIGH, got {text!r}")
+    return lo, hi
+
+
+def _fit_error(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a relative profile error > 0 such as 1e-3, got {text!r}")
+    return value
+
+
+def _layout_line(name: str, layout) -> str:
+    profiles = ",".join(_label(s) for s in layout.sigma_rels)
+    missed = "" if layout.meets else "  (misses the target)"
+    return (
+        f"  {name:<5} profiles {profiles:<24} every {layout.interval:g} steps ({layout.snapshots} snapshots)  "
+        f"{layout.bytes_per_parameter} bytes/parameter  worst fit error {layout.fit_error:.2e}  "
+        f"noise gain {layout.noise_gain:.1f}{missed}"
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from . import planning
+
+    at = parse_values(args.at, "--at") if args.at is not None else None
+    if at is not None and not all(0 < t <= args.steps for t in at):
+        raise CommandError(f"--at: times must be in (0, --steps={args.steps}], got {args.at!r}")
+    result = planning.plan(args.steps, sigma_rel=args.sigma_rel, max_fit_error=args.max_fit_error, at=at)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    lo, hi = result.sigma_rel
+    when = ",".join(f"{t:g}" for t in result.at)
+    print(
+        f"every sigma_rel in {lo:g}…{hi:g} within relative profile error {result.max_fit_error:g} at t={when} "
+        f"(fp32 snapshots, also saved at the end and at each --at time):"
+    )
+    print(_layout_line("plan", result.best))
+    print(_layout_line("EDM2", result.edm2))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from . import planning
+
+    directory = _directory(args.directory, "a directory of single-file snapshots (phema-*.safetensors)")
+    report = planning.prune(directory, sigma_rel=args.sigma_rel, max_fit_error=args.max_fit_error, dry_run=args.dry_run)
+    if report.resumed:
+        print(f"finished an interrupted prune: removed {len(report.resumed)} files listed in {planning.JOURNAL}")
+    verb = "would remove" if report.dry_run else "removed"
+    print(
+        f"{directory}: {verb} {len(report.removed)} of {len(report.removed) + len(report.kept)} snapshots, "
+        f"{report.bytes_before / 2**20:.1f} MiB -> {report.bytes_after / 2**20:.1f} MiB; worst fit error "
+        f"{report.fit_error_before:.2e} -> {report.fit_error_after:.2e} (sigma_rel {args.sigma_rel[0]:g}…"
+        f"{args.sigma_rel[1]:g}, max {args.max_fit_error:g})"
+    )
+    if args.verbose:
+        for name in report.removed:
+            print(f"  {'-' if not report.dry_run else '?'} {name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="emakit", description="Averaged model weights for PyTorch training.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
@@ -484,6 +568,28 @@ def build_parser() -> argparse.ArgumentParser:
         "their .metadata is a pickle, which can run code; pass it only for folders you wrote",
     )
     p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser(
+        "plan", help="choose tracked profiles and a snapshot interval: the fewest bytes that meet a fit target"
+    )
+    p.add_argument("--steps", type=_positive_int, required=True, help="length of the run (time of the last snapshot)")
+    p.add_argument("--sigma-rel", type=_sigma_range, default=(0.03, 0.2), help="lengths to support, LOW:HIGH")
+    p.add_argument(
+        "--max-fit-error", type=_fit_error, default=1e-3, help="largest relative profile error allowed (1e-3)"
+    )
+    p.add_argument("--at", default=None, help="times to reconstruct at: 50000,100000 (default: --steps)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=cmd_plan)
+
+    p = sub.add_parser("prune", help="delete the snapshots no length in a range needs (atomic, restartable)")
+    p.add_argument("directory", help="a directory of single-file snapshots (phema-*.safetensors)")
+    p.add_argument("--sigma-rel", type=_sigma_range, required=True, help="lengths to keep supporting, LOW:HIGH")
+    p.add_argument(
+        "--max-fit-error", type=_fit_error, default=1e-3, help="largest relative profile error allowed (1e-3)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="list the files removed")
+    p.set_defaults(run=cmd_prune)
 
     p = sub.add_parser("demo", help="train a small diffusion model, sweep EMA lengths post hoc, write a report")
     p.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-2, ... if taken)")

@@ -30,7 +30,15 @@ from torch import Tensor
 from . import schedules
 from ._profiles import _exponential_norm, exponential_inner, power_inner
 from ._sweep import SweepResult, as_metrics, check_grid, golden_section, write_report
-from .snapshots import SnapshotError, SnapshotInfo, open_tensors, read_info, require_trust, snapshot_paths
+from .snapshots import (
+    SnapshotError,
+    SnapshotInfo,
+    clear_decoded_cache,
+    open_tensors,
+    read_info,
+    require_trust,
+    snapshot_paths,
+)
 
 __all__ = [
     "FIT_ERROR_WARN",
@@ -318,6 +326,7 @@ def reconstruct(
             reader.close()
     finally:
         bar.close()
+        clear_decoded_cache()  # decoded compact snapshots are not kept past the reconstruction
     results = [_state_dict(acc, extras, latest, out_dtype, like) for acc in sums]
     return results if many else results[0]
 

@@ -18,12 +18,22 @@ A sharded run (FSDP2, DeepSpeed ZeRO-3, ``shard=True``) writes ``phema-<t>.dcp``
 the same keys and an ``emakit.json`` holding the same metadata. Both kinds are listed,
 read and reconstructed alike; :func:`export` turns a DCP snapshot into the single-file
 form, which has a stable format (DCP promises none across torch versions).
+
+A single-file snapshot may be *compact* (header ``encoding="compact"``, see
+:mod:`emakit._encoding`): each ``avg.<j>/<name>`` is then a uint8 tensor of compressed
+bytes, either a lossless fp32 keyframe or an int16 delta against the same tensor of the
+snapshot at header ``reference`` (same directory). Readers decode transparently back to the
+nearest keyframe, and keep the last decoded value of each average (one snapshot's averages,
+of one directory, in fp32 on the CPU; :func:`clear_decoded_cache` frees it), so reading a
+directory in time order decodes each file once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +46,7 @@ from ._snapshot_header import (
     _DCP_PATTERN,
     _PATTERN,
     _SAFETENSORS_DTYPES,
+    ENCODINGS,
     FORMAT,
     VERSION,
     SnapshotError,
@@ -49,10 +60,12 @@ from ._snapshot_header import (
 )
 
 __all__ = [
+    "ENCODINGS",
     "FORMAT",
     "VERSION",
     "SnapshotError",
     "SnapshotInfo",
+    "clear_decoded_cache",
     "export",
     "open_tensors",
     "read_info",
@@ -61,6 +74,13 @@ __all__ = [
     "write_sharded_snapshot",
     "write_snapshot",
 ]
+
+def _encoding():
+    """The compact codec, imported on first use (it needs numpy, which emakit itself does not)."""
+    from . import _encoding as codec
+
+    return codec
+
 
 def _safetensors():
     try:
@@ -96,12 +116,22 @@ def write_snapshot(
     dtype: torch.dtype,
     keys: list[str],
     aliases: dict[str, str],
+    chain: DeltaChain | None = None,
 ) -> Path:
-    """Write one snapshot atomically; returns its path. Raises if that file already exists."""
+    """Write one snapshot atomically; returns its path. Raises if that file already exists.
+
+    With ``chain`` (a :class:`DeltaChain`) the averages are written compact: a delta
+    against the chain's last snapshot, or a keyframe (see :meth:`DeltaChain.encode`).
+    """
     safetensors, _ = _safetensors()
     Path(directory).mkdir(parents=True, exist_ok=True)
     final = _final_path(directory, t, ".safetensors")
     tensors: dict[str, Tensor] = {}
+    extra: dict[str, str] = {}
+    if chain is not None:
+        encoded, extra, commit = chain.encode(Path(directory), t, averages)
+        tensors.update(encoded)
+        averages = []
 
     def own(v: Tensor, to: torch.dtype | None = None) -> Tensor:
         # safetensors needs contiguous tensors that share no memory with each other.
@@ -119,7 +149,7 @@ def write_snapshot(
         num_updates=num_updates,
         sigma_rels=sigma_rels,
         gammas=gammas,
-        averaged=list(averages[0]) if averages else [],
+        averaged=list(chain_names(averages, chain)),
         copied=list(copies),
         static=list(static),
         model_dtypes=model_dtypes,
@@ -127,12 +157,81 @@ def write_snapshot(
         keys=keys,
         aliases=aliases,
     )
+    metadata.update(extra)
     metadata["checksums"] = json.dumps({key: checksum(v) for key, v in tensors.items()})
     # Never replaces a snapshot, also one another writer saves meanwhile (FileExistsError).
     write_then_rename(
         [(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))], replace=False
     )
+    if chain is not None:
+        commit()  # only once the file exists: a failed write leaves the chain where it was
     return final
+
+
+def chain_names(averages: list[dict[str, Tensor]], chain: DeltaChain | None) -> list[str]:
+    """Names of the averaged tensors (those of the chain's pending snapshot when writing compact)."""
+    if chain is not None:
+        return list(chain.pending_names)
+    return list(averages[0]) if averages else []
+
+
+#: Compact snapshots between two keyframes, the keyframe included (a reader decodes at most this many files).
+KEYFRAME_INTERVAL = 32
+
+
+@dataclass
+class DeltaChain:
+    """Writer state of compact snapshots: the last *decoded* averages, to encode the next delta against.
+
+    Memory: one fp32 copy of every profile's averages, on the CPU. A new chain (a new or
+    resumed PowerEMA) starts with a keyframe; so does a snapshot every
+    ``keyframe_interval`` snapshots (bounding how far a reader decodes back), one to another
+    directory, one whose reference file is gone, and one whose tensors changed.
+    """
+
+    keyframe_interval: int = KEYFRAME_INTERVAL
+    directory: Path | None = None
+    t: float | None = None
+    length: int = 0  # snapshots since the keyframe, the keyframe included
+    decoded: list[dict[str, Tensor]] = field(default_factory=list)
+    pending_names: tuple[str, ...] = ()
+
+    def _is_keyframe(self, directory: Path, averages: list[dict[str, Tensor]]) -> bool:
+        if self.t is None or self.directory != directory.resolve() or self.length >= self.keyframe_interval:
+            return True
+        if not (directory / file_name(self.t)).is_file() or len(averages) != len(self.decoded):
+            return True
+        return any(
+            a.keys() != d.keys() or any(a[n].shape != d[n].shape for n in a) for a, d in zip(averages, self.decoded)
+        )
+
+    def encode(self, directory: Path, t: float, averages: list[dict[str, Tensor]]):
+        """``(tensors, header fields, commit)`` of the compact averages; ``commit()`` advances the chain."""
+        keyframe = self._is_keyframe(directory, averages)
+        tensors: dict[str, Tensor] = {}
+        scales: dict[str, float] = {}
+        shapes: dict[str, list[int]] = {}
+        decoded: list[dict[str, Tensor]] = []
+        for j, profile in enumerate(averages):
+            decoded.append({})
+            for name, v in profile.items():
+                key = f"avg.{j}/{name}"
+                shapes[key] = list(v.shape)
+                if keyframe:
+                    tensors[key] = _encoding().encode_keyframe(v)
+                    decoded[j][name] = v.detach().to("cpu", torch.float32, copy=True)
+                else:
+                    tensors[key], scales[key], decoded[j][name] = _encoding().encode_delta(v, self.decoded[j][name])
+        fields = {"encoding": "compact", "shapes": json.dumps(shapes)}
+        if not keyframe:
+            fields.update(reference=repr(float(self.t)), scales=json.dumps(scales))
+        self.pending_names = tuple(averages[0]) if averages else ()
+
+        def commit() -> None:
+            self.directory, self.t, self.decoded = directory.resolve(), t, decoded
+            self.length = 1 if keyframe else self.length + 1
+
+        return tensors, fields, commit
 
 
 def write_sharded_snapshot(
@@ -200,7 +299,10 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
         raise SnapshotError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
     info = _parse_info(path, meta, shapes, path.stat().st_size)
     for key in keys:
-        if key.startswith("avg.") and _SAFETENSORS_DTYPES.get(stored[key]) != info.dtype:
+        if info.encoding == "compact" and key.startswith("avg."):
+            if stored[key] != "U8" or len(shapes[key]) != 1:
+                raise SnapshotError(f"{path}: compact tensor {key!r} is stored as {stored[key]}, expected U8 bytes")
+        elif key.startswith("avg.") and _SAFETENSORS_DTYPES.get(stored[key]) != info.dtype:
             raise SnapshotError(
                 f"{path}: tensor {key!r} is stored as {stored[key]}, but the header says the averages are "
                 f"{dtype_name(info.dtype)} (corrupted or edited header?)"
@@ -245,7 +347,8 @@ class _SafetensorsReader:
         self._file = safe_open(str(info.path), framework="pt")
         self._handle = self._file.__enter__()
 
-    def get(self, key: str) -> Tensor:
+    def raw(self, key: str) -> Tensor:
+        """The stored tensor (compact averages: their encoded bytes), checked against its checksum."""
         value = self._handle.get_tensor(key)
         want = (self._info.checksums or {}).get(key)
         if want is not None and checksum(value) != want:
@@ -255,8 +358,77 @@ class _SafetensorsReader:
             )
         return value
 
+    def get(self, key: str) -> Tensor:
+        if self._info.encoding == "compact" and key.startswith("avg."):
+            return _decode(self._info, key, self).clone()  # the cache keeps its own copy
+        return self.raw(key)
+
     def close(self) -> None:
         self._file.__exit__(None, None, None)
+
+
+#: Last decoded value of each compact average: ``key -> (file identity, fp32 tensor)``, of one directory.
+_DECODED: dict[str, tuple[tuple, Tensor]] = {}
+_DECODED_DIRECTORY: list[Path] = []  # the directory those values come from
+
+
+def clear_decoded_cache() -> None:
+    """Free the decoded averages kept while reading compact snapshots (at most one snapshot's worth)."""
+    _DECODED.clear()
+    _DECODED_DIRECTORY.clear()
+
+
+def _identity(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
+    """Compact average ``key`` of ``info`` in fp32, decoding its references back to the keyframe as needed."""
+    me = _identity(info.path)
+    cached = _DECODED.get(key)
+    if cached is not None and cached[0] == me:
+        return cached[1]
+    payload = reader.raw(key)
+    reference = None if info.reference is None else _reference(info, key)
+    try:
+        if reference is None:
+            value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]])
+        else:
+            value = _encoding().decode_delta(payload, info.scales[key], reference)
+    except (ValueError, zlib.error) as e:
+        raise SnapshotError(f"{info.path}: compact tensor {key!r} cannot be decoded (corrupted?): {e}") from None
+    directory = Path(me[0]).parent
+    if _DECODED_DIRECTORY != [directory]:
+        clear_decoded_cache()  # another directory: keep one directory's worth
+        _DECODED_DIRECTORY.append(directory)
+    _DECODED[key] = (me, value)
+    return value
+
+
+def _reference(info: SnapshotInfo, key: str) -> Tensor:
+    """The decoded value of ``key`` in the snapshot ``info`` is relative to (from the cache, or decoded)."""
+    path = info.path.parent / file_name(info.reference)
+    if not path.is_file():
+        raise SnapshotError(
+            f"{info.path}: compact snapshot at t={info.t:g} is a delta against t={info.reference:g}, but its "
+            f"reference {path.name} is missing from {info.path.parent}; keep every snapshot back to the "
+            f"previous keyframe (or thin out only whole chains)"
+        )
+    cached = _DECODED.get(key)
+    if cached is not None and cached[0] == _identity(path):
+        return cached[1]
+    ref = read_info(path)
+    if ref.encoding != "compact" or ref.shapes.get(key.split("/", 1)[1]) != info.shapes[key.split("/", 1)[1]]:
+        raise SnapshotError(
+            f"{info.path}: its reference {path.name} is not a compact snapshot of the same tensors "
+            f"(encoding={ref.encoding!r}); expected the snapshot this one was written against"
+        )
+    reader = _SafetensorsReader(ref)
+    try:
+        return _decode(ref, key, reader)
+    finally:
+        reader.close()
 
 
 class _DcpReader:

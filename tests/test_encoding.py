@@ -1,0 +1,175 @@
+"""Compact snapshots: the codec, delta chains, integrity, reconstruction error, mixed directories, inspect."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import emakit
+from emakit import _encoding, posthoc, snapshots
+from emakit.cli import main as cli_main
+
+pytest.importorskip("safetensors")
+
+
+def _walk(tmp_path, steps=200, every=10, params=4000, formats=(("fp32", {}), ("compact", {"encoding": "compact"}))):
+    """A float64 random walk, its snapshots in each format, the exact EMAs of several lengths, the final weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight = torch.nn.Parameter(torch.zeros(params, 1, dtype=torch.float64))
+    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
+    targets = (0.05, 0.10, 0.04, 0.07, 0.15)
+    truth = emakit.PowerEMA(model, sigma_rels=targets)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight), alpha=1e-2)
+        pema.update()
+        truth.update()
+        if step % every == 0:
+            for name, kwargs in formats:
+                pema.save_snapshot(tmp_path / name, **kwargs)
+    exact = {s: truth.averaged_state_dict(s)["weight"] for s in targets}
+    return pema, exact, model.weight.detach().clone()
+
+
+def test_codec_round_trip_within_half_a_step():
+    torch.manual_seed(0)
+    x = torch.randn(1000, dtype=torch.float64)
+    key = _encoding.encode_keyframe(x)
+    assert torch.equal(_encoding.decode_keyframe(key, (1000,)), x.float())
+    ref = x.float()
+    y = x + torch.randn(1000, dtype=torch.float64) * 1e-3
+    payload, scale, decoded = _encoding.encode_delta(y, ref)
+    assert scale == pytest.approx(float((y - ref.double()).abs().max()) / _encoding.LEVELS, rel=1e-6)
+    assert float((decoded.double() - y).abs().max()) <= scale / 2 + 2 * 2**-24 * float(y.abs().max())
+    assert torch.equal(_encoding.decode_delta(payload, scale, ref), decoded)
+    zero, s0, same = _encoding.encode_delta(ref, ref)  # no change: scale 0
+    assert s0 == 0 and torch.equal(_encoding.decode_delta(zero, s0, ref), ref)
+
+
+def test_chain_decodes_to_the_writers_values_bit_for_bit(tmp_path):
+    model = torch.nn.Linear(8, 4)
+    pema = emakit.PowerEMA(model)
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(1.0 / step)
+        pema.update()
+        pema.save_snapshot(tmp_path, encoding="compact")
+    chain = pema._delta_chain
+    snapshots.clear_decoded_cache()
+    info = posthoc.list_snapshots(tmp_path)[-1]
+    reader = snapshots.open_tensors(info)  # decodes back to the keyframe, nothing cached
+    for j in range(2):
+        for name, value in chain.decoded[j].items():
+            assert torch.equal(reader.get(f"avg.{j}/{name}"), value)
+    reader.close()
+
+
+def test_keyframe_spacing_and_new_chains(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshots.DeltaChain.__init__, "__defaults__", (3, None, None, 0, (), ()))
+    model = torch.nn.Linear(2, 2)
+    pema = emakit.PowerEMA(model)
+    for _ in range(7):
+        pema.update()
+        pema.save_snapshot(tmp_path, encoding="compact")
+    refs = [i.reference for i in posthoc.list_snapshots(tmp_path)]
+    assert refs == [None, 1.0, 2.0, None, 4.0, 5.0, None]
+    resumed = emakit.PowerEMA(model)
+    resumed.load_state_dict(pema.state_dict())
+    resumed.update()
+    resumed.save_snapshot(tmp_path, encoding="compact")  # a resumed PowerEMA starts with a keyframe
+    assert snapshots.read_info(tmp_path / snapshots.file_name(8.0)).reference is None
+
+
+def test_missing_reference_is_a_clear_error(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    pema = emakit.PowerEMA(model)
+    for _ in range(3):
+        pema.update()
+        pema.save_snapshot(tmp_path, encoding="compact")
+    (tmp_path / snapshots.file_name(2.0)).unlink()
+    snapshots.clear_decoded_cache()
+    info = snapshots.read_info(tmp_path / snapshots.file_name(3.0))
+    reader = snapshots.open_tensors(info)
+    with pytest.raises(snapshots.SnapshotError, match=r"phema-000000000000003.*reference phema-000000000000002.*missing"):
+        reader.get("avg.0/weight")
+    reader.close()
+
+
+def test_checksums_are_verified_on_the_encoded_bytes(tmp_path):
+    model = torch.nn.Linear(16, 16)
+    pema = emakit.PowerEMA(model)
+    pema.update()
+    path = pema.save_snapshot(tmp_path, encoding="compact")
+    info = snapshots.read_info(path)
+    assert set(info.checksums) >= {"avg.0/weight", "avg.1/bias"}
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the last tensor's bytes
+    path.write_bytes(bytes(data))
+    snapshots.clear_decoded_cache()
+    reader = snapshots.open_tensors(snapshots.read_info(path))
+    with pytest.raises(snapshots.SnapshotError, match="does not match its checksum"):
+        for key in info.checksums:
+            reader.get(key)
+    reader.close()
+
+
+def test_reconstruction_error_within_target(tmp_path):
+    _, exact, final = _walk(tmp_path)
+    errors = {}
+    for name in ("fp32", "compact"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sds = posthoc.reconstruct(tmp_path / name, list(exact), progress=False, dtype=torch.float64)
+        errors[name] = {
+            s: float((sd["weight"] - exact[s]).norm() / (exact[s] - final).norm()) for s, sd in zip(exact, sds)
+        }
+    fp32, compact = errors["fp32"], errors["compact"]
+    untracked = [s for s in exact if s not in (0.05, 0.10)]
+    bound = 1.2 * min(fp32[s] for s in untracked)
+    for s in untracked:
+        assert compact[s] <= 1.2 * fp32[s], (s, compact[s], fp32[s])
+    for s in (0.05, 0.10):
+        assert compact[s] <= bound, (s, compact[s], bound)
+    ratio = sum(i.nbytes for i in posthoc.list_snapshots(tmp_path / "compact")) / sum(
+        i.nbytes for i in posthoc.list_snapshots(tmp_path / "fp32")
+    )
+    assert ratio <= 0.55  # 0.49 at 1M parameters (headers weigh more here)
+
+
+def test_mixed_directory_and_inspect(tmp_path, capsys):
+    formats = (("mixed", {}), ("mixed", {"encoding": "compact"}))
+    model = torch.nn.Linear(32, 8)
+    pema = emakit.PowerEMA(model)
+    plain = emakit.PowerEMA(model)
+    for step in range(1, 13):
+        with torch.no_grad():
+            model.weight.add_(0.01)
+        pema.update()
+        plain.update()
+        _, kwargs = formats[step % 2]
+        (pema if kwargs else plain).save_snapshot(tmp_path / "mixed", **kwargs)
+        plain.save_snapshot(tmp_path / "plain")
+    infos = posthoc.list_snapshots(tmp_path / "mixed")
+    assert {i.encoding for i in infos} == {"fp32", "compact"}
+    a = posthoc.reconstruct(tmp_path / "mixed", 0.08, progress=False)
+    b = posthoc.reconstruct(tmp_path / "plain", 0.08, progress=False)
+    torch.testing.assert_close(a["weight"], b["weight"], atol=1e-5, rtol=0)
+    assert cli_main(["inspect", str(tmp_path / "mixed"), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "encoding: compact, fp32" in out and "compact keyframe" in out and "compact delta to t=1" in out
+    assert cli_main(["inspect", str(tmp_path / "mixed"), "--json"]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert [f["encoding"] for f in files[:2]] == ["compact", "fp32"]
+
+
+def test_compact_rejects_other_dtypes(tmp_path):
+    pema = emakit.PowerEMA(torch.nn.Linear(2, 2))
+    pema.update()
+    with pytest.raises(ValueError, match="encoding='compact' stores float32 values, got dtype=torch.float16"):
+        pema.save_snapshot(tmp_path, encoding="compact", dtype=torch.float16)
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        pema.save_snapshot(tmp_path, encoding="fp8")
