@@ -101,3 +101,33 @@ def test_dict_metrics_higher_is_better_and_errors(run):
         posthoc.sweep(directory, boom, model=model, sigma_rel=[0.08])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_cli_sweep_with_a_users_evaluation(run, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from emakit.cli import main
+
+    directory, _, want = run
+    torch.save(want, tmp_path / "target.pt")
+    (tmp_path / "sweep_task.py").write_text(
+        "import torch\n"
+        f"TARGET = torch.load({str(tmp_path / 'target.pt')!r}, weights_only=True)\n"
+        "def make_model():\n    return torch.nn.Linear(16, 16)\n"
+        "def evaluate(model):\n"
+        "    return {'distance': sum(float((v - TARGET[k]).norm()) for k, v in model.state_dict().items())}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    out = tmp_path / "report"
+    argv = ["sweep", str(directory), "--eval", "sweep_task:evaluate", "--model", "sweep_task:make_model",
+            "--sigma-rel", "0.05,0.08,0.1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "**Best: sigma_rel=0.08**" in capsys.readouterr().out
+    assert (out / "report.json").exists() and (out / "report.md").exists()
+    assert main([*argv[:3], "sweep_task:nope", *argv[4:]]) == 2
+    assert "has no 'nope'" in capsys.readouterr().err
+    assert main([*argv[:3], "no_such_module:f", *argv[4:]]) == 2
+    assert "cannot import 'no_such_module'" in capsys.readouterr().err
+    assert main([*argv[:3], "evaluate", *argv[4:]]) == 2
+    assert "expected pkg.module:function" in capsys.readouterr().err

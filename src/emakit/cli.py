@@ -8,6 +8,7 @@ emakit export run/phema --out archive/phema --trust              # sharded (DCP)
 emakit verify run/phema run/ema.pt                               # readable, complete, finite?
 emakit plan --steps 100000 --sigma-rel 0.03:0.2 --max-fit-error 1e-3  # profiles + interval, fewest bytes
 emakit prune run/phema --sigma-rel 0.05:0.15 --max-fit-error 1e-3 --dry-run
+emakit sweep run/phema --eval mytask:fid --model mytask:make_model --search --out run/sweep
 
 Every bad argument or unreadable input is one line on stderr and exit status 2 (``verify``:
 1 when it found problems). Sharded snapshots (``phema-*.dcp``) hold a pickled DCP
@@ -509,6 +510,59 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_callable(spec: str, option: str):
+    """The object ``pkg.module:name`` names (the current directory is importable), or a one-line error."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CommandError(f"{option}: expected pkg.module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CommandError(f"{option}: cannot import {module_name!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CommandError(f"{option}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CommandError(f"{option}: {spec} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import posthoc
+
+    evaluate = _load_callable(args.eval, "--eval")
+    factory = _load_callable(args.model, "--model")
+    grid = parse_values(args.sigma_rel, "--sigma-rel") if args.sigma_rel is not None else list(posthoc.DEFAULT_SWEEP)
+    directory = _directory(args.directory, _SNAPSHOT_DIR)
+    out = _output_directory(args.out)
+    snaps = posthoc.list_snapshots(directory)
+    _refuse_untrusted([info.path for info in snaps if info.sharded], args.trust)
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise CommandError(f"--model: {args.model}() returned a {type(model).__name__}, expected a torch.nn.Module")
+    try:
+        import matplotlib  # noqa: F401
+
+        plot = True
+    except ImportError:
+        plot = False
+    result = posthoc.sweep(
+        snaps, evaluate, model=model, sigma_rel=grid, t=args.t, metric=args.metric,
+        lower_is_better=not args.higher_is_better, search=args.search, out=out, plot=plot,
+        **_trust(posthoc.reconstruct, args.trust),
+    )  # fmt: skip
+    print(result.to_markdown(), end="")
+    print(f"report: {out / 'report.md'}" + ("" if plot else " (no sweep.png: pip install matplotlib)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="emakit", description="Averaged model weights for PyTorch training.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
@@ -541,6 +595,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="store_true", help=trust_help)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_reconstruct)
+
+    p = sub.add_parser("sweep", help="score EMA lengths rebuilt from snapshots with your own evaluation; find the best")
+    p.add_argument("directory", help=_SNAPSHOT_DIR)
+    p.add_argument("--eval", required=True, help="pkg.module:function, called as function(model) -> float or dict")
+    p.add_argument("--model", required=True, help="pkg.module:factory, called with no arguments -> the torch.nn.Module")
+    p.add_argument(
+        "--sigma-rel", help="lengths to evaluate: 0.05,0.1 or 0.02:0.2:0.01 (default: 12 from 0.01 to 0.25)" + values_help
+    )
+    p.add_argument("--search", action="store_true", help="golden-section search: about half the evaluations")
+    p.add_argument("--metric", default=None, help="which of evaluate's results ranks the lengths (default: the first)")
+    p.add_argument("--higher-is-better", action="store_true", help="the metric is better when higher")
+    p.add_argument("--t", type=_positive_time, default=None, help="sweep at this time (default: the last snapshot)")
+    p.add_argument("--out", required=True, help="output directory: report.json, report.md, sweep.png")
+    p.add_argument("--trust", action="store_true", help=trust_help)
+    p.set_defaults(run=cmd_sweep)
 
     p = sub.add_parser("export", help="write sharded (DCP) snapshots as single safetensors files, for storage")
     p.add_argument("path", help="a phema-*.dcp snapshot, or a directory of them")
