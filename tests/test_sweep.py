@@ -131,3 +131,23 @@ def test_cli_sweep_with_a_users_evaluation(run, tmp_path, monkeypatch, capsys):
     assert "cannot import 'no_such_module'" in capsys.readouterr().err
     assert main([*argv[:3], "evaluate", *argv[4:]]) == 2
     assert "expected pkg.module:function" in capsys.readouterr().err
+
+
+def test_reconstruct_can_accumulate_in_float64(run):
+    directory, _, _ = run
+    from emakit import snapshots
+
+    sol = posthoc.solve_coefficients(directory, sigma_rel=0.08, warn=False)
+    want = None  # the weighted sum of the fp32 snapshots, in float64, written out here
+    for info, weights in zip(sol.snapshots, sol.weights):
+        reader = snapshots.open_tensors(info)
+        for j, w in enumerate(weights):
+            x = reader.get(f"avg.{j}/weight").double() * w
+            want = x if want is None else want + x
+        reader.close()
+    got64 = posthoc.reconstruct(directory, sigma_rel=0.08, progress=False, accumulate=torch.float64, dtype="float64")
+    got32 = posthoc.reconstruct(directory, sigma_rel=0.08, progress=False, dtype="float64")
+    torch.testing.assert_close(got64["weight"], want, rtol=1e-12, atol=1e-12)
+    assert (got32["weight"] - want).abs().max() > 0  # fp32 accumulation rounds
+    with pytest.raises(ValueError, match="accumulate must be a floating"):
+        posthoc.reconstruct(directory, sigma_rel=0.08, progress=False, accumulate=torch.int64)
