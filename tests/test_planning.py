@@ -284,3 +284,27 @@ def test_cli_prune(run_dir, tmp_path, capsys):
     assert "removed" in out and "MiB" in out and len(_names(d)) < len(before)
     assert cli.main(["prune", str(d), "--sigma-rel", "0.01:0.25", "--max-fit-error", "1e-9"]) == 2
     assert "already miss" in capsys.readouterr().err
+
+
+def test_prune_keeps_the_chains_of_compact_snapshots(tmp_path):
+    import torch
+
+    import emakit
+    from emakit import posthoc
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
+    for step in range(1, 801):  # 40 snapshots: keyframes at the 1st and the 33rd
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        pema.update()
+        if step % 20 == 0:
+            pema.save_snapshot(tmp_path, encoding="compact")
+    report = planning.prune(tmp_path, sigma_rel=(0.05, 0.15), max_fit_error=1e-3)
+    assert len(report.kept) + len(report.removed) == 40  # (kept: at least every chain a kept delta needs)
+    posthoc.reconstruct(tmp_path, sigma_rel=0.08, progress=False)
+    infos = posthoc.list_snapshots(tmp_path)
+    times = {s.t for s in infos}
+    assert all(s.reference is None or s.reference in times for s in infos)

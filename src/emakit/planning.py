@@ -379,6 +379,23 @@ def _greedy(infos: Sequence, targets: Sequence[float], t: float, max_fit_error: 
     return gone, after
 
 
+def _keep_delta_chains(infos, gone: set[int]) -> set[int]:
+    """``gone`` less every snapshot a kept compact delta needs to decode (its chain back to a keyframe).
+
+    Keeping more snapshots only lowers the fit error, so the decision still meets its target.
+    """
+    by_t = {s.t: j for j, s in enumerate(infos)}
+    needed = set()
+    for j, s in enumerate(infos):
+        if j in gone:
+            continue
+        ref = getattr(s, "reference", None)
+        while ref is not None and ref in by_t and by_t[ref] not in needed:
+            needed.add(by_t[ref])
+            ref = getattr(infos[by_t[ref]], "reference", None)
+    return gone - needed
+
+
 def prune(
     directory: str | os.PathLike,
     sigma_rel: tuple[float, float],
@@ -435,6 +452,11 @@ def prune(
         )
     with _one_thread():
         gone, after = _greedy(infos, targets, t, max_fit_error, before)
+    chained = _keep_delta_chains(infos, set(gone))
+    if chained != set(gone):  # kept for decoding: the fit only improves
+        with _one_thread():
+            after = _worst([s for j, s in enumerate(infos) if j not in chained], targets, [t])[0]
+    gone = chained
     keep = [s for j, s in enumerate(infos) if j not in gone]
     removed = [s for j, s in enumerate(infos) if j in gone]
     report = PruneReport(
