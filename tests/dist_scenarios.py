@@ -282,6 +282,18 @@ def fsdp2_and_ddp(rank: int, world: int, tmp: Path) -> None:
         value = value.full_tensor() if isinstance(value, DTensor) else value
         assert_close(value, reference[name], msg=name)
 
+    # A NaN in one rank's shard: every rank refuses the collective save (none waits in the write).
+    if rank == 0:
+        with torch.no_grad():
+            resumed._storage.groups[0].buffer.view(-1)[0] = float("nan")
+    try:
+        resumed.save(tmp / "nan_ckpt")
+        raise AssertionError("a NaN average was saved")
+    except emakit.NonFiniteError as e:
+        assert ("another rank" in str(e)) == (rank == 1), str(e)
+    dist.barrier()
+    assert not (tmp / "nan_ckpt").exists()
+
     hsdp_and_tensor_parallel(rank, world, tmp)
 
 

@@ -250,27 +250,33 @@ class _Averager(Checkpointing):
 
     # ------------------------------------------------------------------ using the averages
 
-    def _check_finite(self, what: str) -> None:
+    def _check_finite(self, what: str, collective: bool = False) -> None:
         """Raise :class:`NonFiniteError` if an average holds NaN or Inf; one host sync per device.
 
         Runs when the averages are read, swapped, saved or snapshotted, never per update: NaN
         or Inf that entered an average stays there, so checking at use loses nothing but the
         exact update, which the error brackets (finite when last checked, non-finite now).
+        ``collective`` (for calls every rank makes: ``save``, sharded snapshots, gathering):
+        with sharded averages every rank raises when any rank's shard is non-finite, so no rank
+        is left waiting in the collective write.
         """
         bad = self._storage.first_nonfinite()
+        where = repr(bad)
+        if collective and self._storage.is_sharded and distributed.any_rank(bad is not None) and bad is None:
+            bad, where = "", "a shard held by another rank"
         if bad is None:
             self._finite_at = (self.num_updates, self.t)
             return
         updates, t = getattr(self, "_finite_at", (0, 0))
         raise NonFiniteError(
-            f"{self._owner}.{what}: the average of {bad!r} holds NaN or Inf: a non-finite weight entered it after "
+            f"{self._owner}.{what}: the average of {where} holds NaN or Inf: a non-finite weight entered it after "
             f"update {updates} (t={t:g}, when the averages were last checked and finite) and by update "
             f"{self.num_updates} (t={self.t:g}). Find the step that made the weights non-finite; resume from a "
             f"checkpoint (load() / load_state_dict()); skip_nonfinite=True skips such updates instead"
         )
 
     def _averaged_state_dict(self, k: int, dtype: str, full: bool = False) -> dict[str, Tensor]:
-        self._check_finite("averaged_state_dict")
+        self._check_finite("averaged_state_dict", collective=full is True)
         return _swap.averaged_state_dict(self._owner, self._storage, self._model, self._aliases, k, dtype, full)
 
     def _averaged_module(self, k: int) -> nn.Module:

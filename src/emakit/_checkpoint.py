@@ -215,7 +215,8 @@ class Checkpointing:
         ``dcp.save`` (it is a DCP ``Stateful``).
         """
         self._assert_not_swapped("save")
-        return _dcp.save_atomic(f"{self._owner}.save", self.state_dict(), Path(path))
+        self._check_finite("save", collective=True)  # every rank raises, or none: none waits in the write
+        return _dcp.save_atomic(f"{self._owner}.save", self._state(), Path(path))
 
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a :meth:`save` directory, written by any number of ranks (resharded on load).

@@ -304,6 +304,17 @@ def rank() -> int:
     return torch.distributed.get_rank() if dist_ready() else 0
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank: collective (one all-reduce); ``flag`` itself without a process group."""
+    if not dist_ready():
+        return flag
+    dist = torch.distributed
+    device = "cpu" if str(dist.get_backend()) == "gloo" else torch.accelerator.current_accelerator() or "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def barrier() -> None:
     if dist_ready():
         torch.distributed.barrier()

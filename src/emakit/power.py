@@ -212,7 +212,7 @@ class PowerEMA(_Averager):
         the CPU. Keep every file back to the previous keyframe: a delta needs its reference.
         """
         self._assert_not_swapped("save_snapshot")
-        self._check_finite("save_snapshot")
+        self._check_finite("save_snapshot", collective=self.is_sharded)
         if dtype not in _SNAPSHOT_DTYPES:
             raise ValueError(f"PowerEMA.save_snapshot: dtype must be one of {_SNAPSHOT_DTYPES}, got dtype={dtype!r}")
         if self.t <= 0:
