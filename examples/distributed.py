@@ -132,7 +132,7 @@ def main() -> None:
     # Post-hoc: another EMA length from the snapshots, distributed (each rank its shards) ...
     if args.engine == "fsdp2":
         sharded = posthoc.reconstruct(
-            out / "phema", sigma_rel=0.08, like=model.state_dict(), progress=False, trust=True
+            out / "phema", sigma_rel=0.08, like=model.state_dict(), progress=False
         )
         model.load_state_dict(sharded)  # DTensors straight into the FSDP2 model
         if rank == 0:
@@ -141,7 +141,7 @@ def main() -> None:
             eval_loss()
     # ... or offline, in one process with no process group (here: rank 0).
     if rank == 0:
-        sd = posthoc.reconstruct(out / "phema", sigma_rel=0.08, progress=False, trust=True)
+        sd = posthoc.reconstruct(out / "phema", sigma_rel=0.08, progress=False)
         print(f"post-hoc sigma_rel=0.08 (offline): {len(sd)} tensors; outputs in {out}")
     dist.barrier()
     dist.destroy_process_group()

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "distributed": 1,
     "contiguous": 1,
     "_dcp": 2,
+    "_shard_files": 2,
     # the averager's rooms
     "_storage": 2,
     "_binding": 3,

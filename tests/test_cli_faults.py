@@ -41,8 +41,8 @@ def assert_one_line_error(rc: int, err: str, fragment: str) -> None:
     assert fragment in err, err
 
 
-def to_sharded(source: Path, directory: Path) -> None:
-    """Write every single-file snapshot of ``source`` again as a ``phema-<t>.dcp`` folder in ``directory``."""
+def to_sharded(source: Path, directory: Path, container: str = "dcp") -> None:
+    """Write every single-file snapshot of ``source`` again as a ``phema-<t>.dcp`` (or ``.shards``) folder."""
     for info in posthoc.list_snapshots(source):
         reader = snapshots.open_tensors(info)
         try:
@@ -57,6 +57,7 @@ def to_sharded(source: Path, directory: Path) -> None:
             copies=copies,
             static=static,
             model_shapes=dict(info.shapes),
+            container=container,
             t=info.t,
             num_updates=info.num_updates,
             sigma_rels=list(info.sigma_rels),
@@ -187,7 +188,7 @@ BAD_CALLS = [
     (["export", "{dcp}"], "the following arguments are required: --out"),
     (["export", "{missing}", "--out", "{out}"], "{missing}: no such directory"),
     (["export", "{missing_dcp}", "--out", "{out}"], "{missing_dcp}: no such directory; expected a sharded snapshot"),
-    (["export", "{snap}", "--out", "{out}"], "{snap}: no sharded snapshots (phema-*.dcp) to export"),
+    (["export", "{snap}", "--out", "{out}"], "{snap}: no sharded snapshots (phema-*.shards or .dcp) to export"),
     (["export", "{dcp}", "--out", "{out}"], "is a sharded (DCP) snapshot whose .metadata is a pickle"),
     (["export", "{dcp_one}", "--out", "{out}"], "{dcp_one} is a sharded (DCP) snapshot whose .metadata is a pickle"),
     (["export", "{dcp}", "--out", "{file}", "--trust"], "--out {file}: is a file"),
@@ -526,7 +527,7 @@ def test_verify_finds_other_problems(snapdir, checkpoints, tmp_path):
     assert "not an emakit checkpoint: format=None" in problems("model.pt")[0]
     assert "not an emakit file: a safetensors file with format=None" in problems("plain.safetensors")[0]
     assert problems("empty") == [
-        f"{tmp_path / 'empty'}: no snapshots (phema-*.safetensors files or phema-*.dcp directories) in this directory"
+        f"{tmp_path / 'empty'}: no snapshots (phema-*.safetensors files, phema-*.shards or .dcp directories) in this directory"
     ]
     found = problems("pema-bad.pt")
     assert any("t must be a finite number >= 0, got t=-1.0" in p for p in found), found
@@ -542,4 +543,4 @@ def test_verify_finds_a_damaged_dcp_checkpoint(checkpoints, tmp_path):
     shutil.copytree(checkpoints["ema_dcp"], bad)
     _truncate_data(bad)
     found = verify.verify([bad], trust=True)
-    assert len(found) == 1 and found[0].startswith(f"{bad}: "), found
+    assert len(found) == 1 and found[0].startswith(f"{bad}/__0_0.distcp: truncated: tensor "), found

@@ -7,6 +7,7 @@ without a process group, against single-process references.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -68,14 +69,19 @@ def test_load_refuses_a_mismatched_checkpoint_before_changing_anything(two_ranks
 
 
 def test_sharded_snapshots_reconstruct_offline(two_ranks):
-    """Snapshots written by 2 ranks (DCP, shards only) == snapshots of a single-process run."""
+    """Snapshots written by 2 ranks (safetensors per rank, shards only) == snapshots of a single-process run."""
     sharded = posthoc.list_snapshots(two_ranks / "snaps")
     single = posthoc.list_snapshots(two_ranks / "ref_snaps")
     assert [s.t for s in sharded] == [s.t for s in single] == [2.0, 4.0, 6.0, 8.0]
-    assert all(s.sharded and s.path.suffix == ".dcp" for s in sharded)
+    assert all(s.sharded and s.path.suffix == ".shards" and not s.pickled for s in sharded)
+    assert not any(p.name == ".metadata" for s in sharded for p in s.path.iterdir())  # nothing pickled
+    # Each rank wrote only its shards: out.weight's single row is rank 0's alone.
+    index = json.loads((sharded[0].path / "emakit.json").read_text())
+    assert sorted(json.loads(index["parts"])) == ["rank-00000.safetensors", "rank-00001.safetensors"]
+    assert list(json.loads(index["parts"])["rank-00001.safetensors"]).count("avg.0/out.weight") == 0
     assert sharded[0].shapes == single[0].shapes and sharded[0].keys == single[0].keys
     for target in (0.05, 0.08, 0.15):
-        got = posthoc.reconstruct(two_ranks / "snaps", sigma_rel=target, progress=False, trust=True)
+        got = posthoc.reconstruct(two_ranks / "snaps", sigma_rel=target, progress=False)
         want = posthoc.reconstruct(two_ranks / "ref_snaps", sigma_rel=target, progress=False)
         assert list(got) == list(want)
         for name in want:
@@ -84,8 +90,8 @@ def test_sharded_snapshots_reconstruct_offline(two_ranks):
 
 def test_export_to_safetensors(two_ranks, tmp_path):
     for info in posthoc.list_snapshots(two_ranks / "snaps"):
-        out = snapshots.export(info.path, tmp_path, trust=True)
-        assert out.name == info.path.name.replace(".dcp", ".safetensors")
+        out = snapshots.export(info.path, tmp_path)
+        assert out.name == info.path.name.replace(".shards", ".safetensors")
     exported = posthoc.list_snapshots(tmp_path)
     assert not any(s.sharded for s in exported)
     got = posthoc.reconstruct(tmp_path, sigma_rel=0.08, progress=False)
@@ -120,11 +126,12 @@ def test_cli_inspects_and_exports_sharded_snapshots(two_ranks, tmp_path, capsys)
 
     assert main(["inspect", str(two_ranks / "snaps")]) == 0
     assert "4 snapshots, t = 2 … 8" in capsys.readouterr().out
-    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path)]) == 2  # DCP metadata is a pickle
+    assert main(["verify", str(two_ranks / "snaps")]) == 0  # no pickle: no --trust needed
+    assert main(["export", str(two_ranks / "dcp_snaps"), "--out", str(tmp_path)]) == 2  # DCP metadata is a pickle
     assert "--trust" in capsys.readouterr().err
-    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path), "--trust"]) == 0
+    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"phema-{t:015d}.safetensors" for t in (2, 4, 6, 8)]
-    assert main(["export", str(two_ranks / "snaps"), "--out", str(tmp_path), "--trust"]) == 2  # never overwrites
+    assert main(["export", str(two_ranks / "dcp_snaps"), "--out", str(tmp_path), "--trust"]) == 2  # never overwrites
     assert "never replaces" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no sharded snapshots" in capsys.readouterr().err

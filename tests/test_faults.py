@@ -7,6 +7,7 @@ never runs code from a pickle it was not told to trust.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import pickle
 
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 import emakit
+import emakit.verify
 from emakit import posthoc, snapshots
-from emakit._dcp import CheckpointError
+from emakit._dcp import CHECKSUMS, CheckpointError
 
 pytest.importorskip("safetensors", reason="snapshots need the safetensors extra")
 
@@ -89,9 +91,11 @@ def test_failed_dcp_load_leaves_the_average_as_it_was(tmp_path, damage):
 
 
 def test_dcp_load_of_damaged_data_is_all_or_nothing(tmp_path):
-    # The data file cut after most tensors: the first ones would load, the last not.
+    # The data file cut after most tensors: the first ones would load, the last not. Without
+    # the checksums (a directory written by dcp.save itself), the staged read must catch it.
     _, source = trained()
     source.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / CHECKSUMS).unlink()
     data = _distcp(tmp_path / "ckpt")
     data.write_bytes(data.read_bytes()[: int(data.stat().st_size * 0.9)])
     _, ema = trained()
@@ -102,8 +106,60 @@ def test_dcp_load_of_damaged_data_is_all_or_nothing(tmp_path):
     assert_unchanged(ema, before)
 
 
-def _sharded_snapshot(directory: pathlib.Path, ema_t: float = 3.0) -> pathlib.Path:
-    """A DCP snapshot written in one process, as a sharded run writes it (plain tensors)."""
+def _flip_in_item(path: pathlib.Path, fqn: str) -> None:
+    """Flip one bit in the stored bytes of ``fqn`` (located through the checksum table)."""
+    record = json.loads((path / CHECKSUMS).read_text())
+    (_, _, file, offset, length, _) = next(r for r in record["items"] if r[0] == fqn)
+    data = bytearray((path / file).read_bytes())
+    data[offset + length // 2] ^= 0x08
+    (path / file).write_bytes(bytes(data))
+
+
+def test_checkpoint_items_carry_checksums_and_a_flipped_bit_names_the_tensor(tmp_path):
+    model, source = trained()
+    source.save(tmp_path / "ckpt")
+    record = json.loads((tmp_path / "ckpt" / CHECKSUMS).read_text())
+    meta = emakit._dcp.read_metadata("test", tmp_path / "ckpt")
+    assert len(record["items"]) == len(meta.storage_data)  # every stored item, small entries too
+    name = "averages.0.0.weight"
+    _flip_in_item(tmp_path / "ckpt", name)
+    _, ema = trained()
+    ema.update()
+    before = snapshot_state(ema)
+    with pytest.raises(CheckpointError, match=rf"__0_0.distcp: tensor '{name}' does not match its checksum"):
+        ema.load(tmp_path / "ckpt")
+    assert_unchanged(ema, before)
+    problems = emakit.verify.verify([tmp_path / "ckpt"], trust=True)
+    assert len(problems) == 1 and f"tensor '{name}' does not match its checksum" in problems[0], problems
+    # Without the flip it loads, and verify agrees.
+    source.save(tmp_path / "good")
+    ema.load(tmp_path / "good")
+    assert emakit.verify.verify([tmp_path / "good"], trust=True) == []
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r["items"].pop(), "list different items"),
+        (lambda r: r.__setitem__("format", "other"), "is malformed"),
+        (lambda r: r["items"][0].__setitem__(5, "00000000"), "does not match its checksum"),
+    ],
+)
+def test_a_damaged_checksum_file_refuses_the_load(tmp_path, edit, message):
+    _, source = trained()
+    source.save(tmp_path / "ckpt")
+    record = json.loads((tmp_path / "ckpt" / CHECKSUMS).read_text())
+    edit(record)
+    (tmp_path / "ckpt" / CHECKSUMS).write_text(json.dumps(record))
+    _, ema = trained()
+    before = snapshot_state(ema)
+    with pytest.raises(CheckpointError, match=message):
+        ema.load(tmp_path / "ckpt")
+    assert_unchanged(ema, before)
+
+
+def _sharded_snapshot(directory: pathlib.Path, ema_t: float = 3.0, container: str = "dcp") -> pathlib.Path:
+    """A DCP (or ``.shards``) snapshot written in one process, as a sharded run writes it (plain tensors)."""
     torch.manual_seed(1)
     weight = torch.randn(3, 2)
     return snapshots.write_sharded_snapshot(
@@ -116,6 +172,7 @@ def _sharded_snapshot(directory: pathlib.Path, ema_t: float = 3.0) -> pathlib.Pa
         copies={},
         static={},
         model_shapes={"w": (3, 2)},
+        container=container,
         model_dtypes={"w": torch.float32},
         dtype=torch.float32,
         keys=["w"],
@@ -368,7 +425,11 @@ def test_nan_in_snapshot_data_is_an_error_not_a_nan_output(tmp_path):
 def test_nan_weights_never_enter_an_average_silently(tmp_path):
     model, ema = trained()
     good = {k: v.clone() for k, v in ema.state_dict()["averages"][0].items()}
-    saved = {**ema.state_dict(), "averages": [good], "copies": {k: v.clone() for k, v in ema.state_dict()["copies"].items()}}
+    saved = {
+        **ema.state_dict(),
+        "averages": [good],
+        "copies": {k: v.clone() for k, v in ema.state_dict()["copies"].items()},
+    }
     ema.update()  # update 4: finite
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -201,10 +202,22 @@ def test_prune_bad_arguments(run_dir, tmp_path):
         planning.prune(run_dir, sigma_rel=(0.01, 0.25), max_fit_error=1e-9)
     with pytest.raises(emakit.snapshots.SnapshotError, match="not a directory"):
         planning.prune(tmp_path / "missing", sigma_rel=(0.05, 0.15))
-    sharded = _copy(run_dir, tmp_path / "s")
-    (sharded / "phema-000000000009999.dcp").mkdir()
-    with pytest.raises(emakit.snapshots.SnapshotError, match=r"single-file snapshots .* not sharded ones"):
-        planning.prune(sharded, sigma_rel=(0.05, 0.15))
+
+
+def test_prune_removes_sharded_snapshots_as_it_does_single_files(run_dir, tmp_path):
+    """The same snapshots as ``.shards`` directories: the same decision, the directories gone whole."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cli_faults import to_sharded
+
+    single = _copy(run_dir, tmp_path / "single")
+    to_sharded(run_dir, tmp_path / "sharded", container="shards")
+    want = planning.prune(single, sigma_rel=(0.05, 0.15), max_fit_error=1e-3)
+    got = planning.prune(tmp_path / "sharded", sigma_rel=(0.05, 0.15), max_fit_error=1e-3)
+    as_files = [n.replace(".shards", ".safetensors") for n in got.removed]
+    assert got.removed and as_files == list(want.removed)
+    assert got.fit_error_after == pytest.approx(want.fit_error_after, rel=1e-9)
+    left = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert left == sorted(got.kept)  # no hidden leftovers either
 
 
 # --------------------------------------------------------------------------- what a fit error costs in weights

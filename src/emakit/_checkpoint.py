@@ -54,7 +54,9 @@ class Checkpointing:
     def _check_config(self, where: str, stored: Mapping[str, Any]) -> None:
         """Warn about stored settings that differ from ours; ours are kept. Subclasses may raise."""
         diffs = [
-            f"{k}: stored {stored[k]!r}, this one {v!r}" for k, v in self._config().items() if k in stored and stored[k] != v
+            f"{k}: stored {stored[k]!r}, this one {v!r}"
+            for k, v in self._config().items()
+            if k in stored and stored[k] != v
         ]
         if diffs:
             warnings.warn(
@@ -221,8 +223,10 @@ class Checkpointing:
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a :meth:`save` directory, written by any number of ranks (resharded on load).
 
-        Collective in a distributed run. Format, settings, names and shapes are checked
-        against the checkpoint's metadata before any tensor is read; then each rank reads its
+        Collective in a distributed run. Every stored item is checked against the CRC-32 that
+        :meth:`save` recorded (each rank a share of the files; directories without them, from
+        ``dcp.save`` or emakit 0.1, are not checked), and format, settings, names and shapes
+        against the checkpoint's metadata, before any tensor is read; then each rank reads its
         own parts into staging tensors and copies them into the averages only once all were
         read: a damaged checkpoint raises :class:`emakit._dcp.CheckpointError` (an
         ``Exception`` naming the path) and leaves the average exactly as it was. Holds a
@@ -232,7 +236,9 @@ class Checkpointing:
         where = f"{self._owner}.load"
         self._assert_not_swapped("load")
         path = Path(path)
-        meta = _dcp.read_metadata(where, path).state_dict_metadata
+        metadata = _dcp.read_metadata(where, path)
+        _dcp.verify_checksums(where, path, metadata)  # every stored item, before anything is read
+        meta = metadata.state_dict_metadata
         t, counts = self._check_header(where, _read_dcp_header(where, path, meta))
         promoted = self._promotable({k.removeprefix("averages.0.") for k in meta if k.startswith("averages.0.")})
         state = self._state()  # (also when the averages hold NaN: loading is how to recover)

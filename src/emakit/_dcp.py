@@ -1,25 +1,41 @@
 """Checkpoint directories in ``torch.distributed.checkpoint`` (DCP) format: atomic save, checked load.
 
-Owns the DCP file I/O used by ``EMA.save`` / ``EMA.load`` and by sharded snapshots: a save
-written under a hidden name and renamed by rank 0 once complete, the metadata read, and an
-in-place load. DCP's metadata and small entries are pickled: read only what you trust.
+Owns the DCP file I/O used by ``EMA.save`` / ``EMA.load`` (and older sharded snapshots): a
+save written under a hidden name and renamed by rank 0 once complete, the metadata read, and
+an in-place load; and that collective atomic directory write itself
+(:func:`write_directory`), which the pickle-free sharded snapshots use too. DCP's metadata and small entries are pickled: read only what you trust.
 Knows nothing about averages or snapshots (callers give it state dicts).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import distributed
-from ._atomic import fsync_dir, reclaim_stale, temporary_name, umask_mode
+from ._atomic import _disk_full, fsync_dir, reclaim_stale, temporary_name, umask_mode
 
-__all__ = ["CheckpointError", "load", "read_metadata", "save_atomic"]
+__all__ = [
+    "CHECKSUMS",
+    "CheckpointError",
+    "load",
+    "read_metadata",
+    "save_atomic",
+    "verify_checksums",
+    "write_directory",
+]
+
+#: The file in a DCP directory written by emakit that holds the CRC-32 of every stored item.
+CHECKSUMS = "emakit-checksums.json"
+_CHECKSUMS_FORMAT = "emakit.dcp-checksums"
+_CHUNK = 16 << 20  # bytes read at a time while checksumming
 
 
 class CheckpointError(RuntimeError):
@@ -47,21 +63,165 @@ def _dcp_errors() -> tuple[type[BaseException], ...]:
     return (Exception, CheckpointException)
 
 
-def save_atomic(
-    where: str, state: dict[str, Any], final: Path, extra: Callable[[Path], None] | None = None
-) -> Path:
+def save_atomic(where: str, state: dict[str, Any], final: Path, extra: Callable[[Path], None] | None = None) -> Path:
     """``dcp.save(state)`` into a unique hidden directory that rank 0 moves to ``final`` once complete.
 
     Collective: every rank calls it with the same ``final`` (on a file system they share, as
-    DCP requires); the temporary name is chosen by rank 0 and shared. Each rank writes only
-    its own shards. ``extra(tmp_dir)`` runs on rank 0 before the move (to add a small
-    description file). A crash leaves only the hidden temporary directory, which no reader
-    lists and the next save into that folder removes once its writer is dead. An existing
-    ``final`` is never replaced, also when another writer creates it meanwhile: then
-    ``FileExistsError`` and nothing is left behind.
+    DCP requires). Each rank writes only its own shards. Then the ranks checksum the written
+    files (each a share of them) and rank 0 adds :data:`CHECKSUMS`, the CRC-32 of every
+    stored item, which :func:`verify_checksums` checks before a load. See
+    :func:`write_directory`.
     """
-    import torch.distributed.checkpoint as dcp
+    table: list[list] = []
 
+    def save(tmp: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():  # single process: DCP warns that it assumes one; it is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            try:
+                dcp.save(state, checkpoint_id=tmp)
+            except _dcp_errors() as e:
+                raise _failure(where, final, "write", e) from None
+        distributed.barrier()  # the coordinator's .metadata is complete
+        table.extend(_gathered(where, final, lambda: _checksum_share(read_metadata(where, tmp), tmp)))
+
+    def describe(tmp: Path) -> None:
+        record = {"format": _CHECKSUMS_FORMAT, "version": 1, "items": sorted(table, key=lambda r: (r[2], r[3]))}
+        (tmp / CHECKSUMS).write_text(json.dumps(record))
+        if extra is not None:
+            extra(tmp)
+
+    return write_directory(where, final, save, extra=describe, collective_errors=True)
+
+
+def _files_of(metadata) -> dict[str, list]:
+    """Stored items by file: ``file -> [(MetadataIndex, _StorageInfo)]``."""
+    files: dict[str, list] = {}
+    for index, info in metadata.storage_data.items():
+        files.setdefault(info.relative_path, []).append((index, info))
+    return files
+
+
+def _my_files(files: dict[str, list]) -> list[str]:
+    """This rank's share of the files to checksum (all of them without a process group)."""
+    names = sorted(files)
+    if not distributed.dist_ready():
+        return names
+    world = _torch_dist().get_world_size()
+    return [n for j, n in enumerate(names) if j % world == distributed.rank()]
+
+
+def _torch_dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _crc(f, offset: int, length: int) -> str:
+    f.seek(offset)
+    crc, left = 0, length
+    while left > 0:
+        chunk = f.read(min(_CHUNK, left))
+        if not chunk:
+            break  # truncated: the CRC of what is there cannot match
+        crc = zlib.crc32(chunk, crc)
+        left -= len(chunk)
+    return f"{crc:08x}" if left == 0 else "truncated"
+
+
+def _checksum_share(metadata, directory: Path) -> list[list]:
+    """``[fqn, chunk offset, file, byte offset, length, crc]`` of every item in this rank's share of the files."""
+    files = _files_of(metadata)
+    rows = []
+    for name in _my_files(files):
+        with open(directory / name, "rb") as f:
+            for index, info in files[name]:
+                offset = None if index.offset is None else list(index.offset)
+                rows.append([index.fqn, offset, name, info.offset, info.length, _crc(f, info.offset, info.length)])
+    return rows
+
+
+def _gathered(where: str, path: Path, work: Callable[[], list]) -> list:
+    """Every rank's ``work()`` results, concatenated; if any rank failed, every rank raises."""
+    try:
+        result: Any = work()
+    except (OSError, CheckpointError) as e:
+        result = f"{type(e).__name__}: {e}"
+    results = [result]
+    if distributed.dist_ready():
+        results = [None] * _torch_dist().get_world_size()
+        _torch_dist().all_gather_object(results, result)
+    failed = [r for r in results if isinstance(r, str)]
+    if failed:
+        raise CheckpointError(f"{where}: could not checksum {path}: {failed[0]}")
+    return [row for rows in results for row in rows]
+
+
+def verify_checksums(where: str, path: Path, metadata) -> None:
+    """Check every stored item of ``path`` against its :data:`CHECKSUMS` entry (collective; each rank a share).
+
+    Raises :class:`CheckpointError` naming the file and the tensor on any mismatch, a missing
+    or unlisted item, or a malformed checksum file. Directories without the file (written by
+    ``dcp.save`` directly, or by emakit 0.1) are not checked.
+    """
+    path = Path(path)
+    if not (path / CHECKSUMS).exists():
+        return
+    try:
+        record = json.loads((path / CHECKSUMS).read_text())
+        if record.get("format") != _CHECKSUMS_FORMAT:
+            raise ValueError(f"format={record.get('format')!r}")
+        listed = {(r[2], int(r[3]), int(r[4])): (str(r[0]), r[1], str(r[5])) for r in record["items"]}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(
+            f"{where}: {path / CHECKSUMS} is malformed ({e}); the checkpoint cannot be verified"
+        ) from None
+    stored = {(info.relative_path, info.offset, info.length) for info in metadata.storage_data.values()}
+    if stored != set(listed):
+        raise CheckpointError(
+            f"{where}: {path}: its .metadata and {CHECKSUMS} list different items (mixed up or damaged checkpoint)"
+        )
+
+    def share() -> list:
+        problems = []
+        for row in _checksum_share(metadata, path):
+            fqn, _, want = listed[(row[2], row[3], row[4])]
+            if row[5] == "truncated":
+                problems.append(f"{path / row[2]}: truncated: tensor {fqn!r} lies past the end of the file")
+            elif row[5] != want:
+                problems.append(
+                    f"{path / row[2]}: tensor {fqn!r} does not match its checksum: the checkpoint is corrupted"
+                )
+        return problems
+
+    problems = _gathered(where, path, share)
+    if problems:
+        raise CheckpointError(
+            f"{where}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
+
+
+def write_directory(
+    where: str,
+    final: Path,
+    write: Callable[[Path], None],
+    *,
+    extra: Callable[[Path], None] | None = None,
+    collective_errors: bool = False,
+) -> Path:
+    """Every rank's ``write(tmp)`` into one unique hidden directory that rank 0 moves to ``final``.
+
+    Collective: every rank calls it with the same ``final`` on a file system they share; the
+    temporary name is chosen by rank 0 and shared. ``extra(tmp)`` runs on rank 0 once every
+    rank has written (to add an index or description file). A rank whose ``write`` fails
+    makes every rank raise (its own error, or :class:`CheckpointError` on the others), unless
+    ``collective_errors`` says ``write`` already raises on all ranks alike. A crash leaves
+    only the hidden temporary directory, which no reader lists and the next write into that
+    folder removes once its writer is dead. An existing ``final`` is never replaced, also
+    when another writer creates it meanwhile: then ``FileExistsError`` and nothing is left
+    behind.
+    """
     final = Path(final)
     if final.exists():
         raise FileExistsError(f"{where}: {final} already exists; choose a new path (checkpoints are never replaced)")
@@ -76,35 +236,52 @@ def save_atomic(
         reclaim_stale(final.parent)
     distributed.barrier()
     try:
-        with warnings.catch_warnings():  # single process: DCP warns that it assumes one; it is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            try:
-                dcp.save(state, checkpoint_id=tmp)
-            except _dcp_errors() as e:
-                raise _failure(where, final, "write", e) from None
+        if distributed.rank() == 0:
+            tmp.mkdir(exist_ok=True)
+        distributed.barrier()
+        _write_agreed(where, final, tmp, write, collective_errors)
         distributed.barrier()
         if distributed.rank() == 0:
             if extra is not None:
                 extra(tmp)
-            mode = umask_mode()
-            for file in tmp.iterdir():
-                os.chmod(file, mode)
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-            try:
-                os.rename(tmp, final)  # a directory: fails if final exists and is not empty
-            except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise FileExistsError(
-                        f"{where}: {final} was created by another writer meanwhile; not replaced"
-                    ) from None
-                raise
-            fsync_dir(final.parent)
+            _publish(where, tmp, final)
     finally:
         if distributed.rank() == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing
     distributed.barrier()
     return final
+
+
+def _write_agreed(where: str, final: Path, tmp: Path, write: Callable[[Path], None], collective: bool) -> None:
+    """``write(tmp)`` on this rank; with ``collective`` False, every rank learns whether any rank failed."""
+    if collective:
+        write(tmp)
+        return
+    error: BaseException | None = None
+    try:
+        write(tmp)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+        error = _disk_full(e, final) or e
+    if distributed.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise CheckpointError(f"{where}: could not write {final}: another rank failed to write its part")
+
+
+def _publish(where: str, tmp: Path, final: Path) -> None:
+    """Rank 0: fix modes, fsync every file, and rename the complete directory into place."""
+    mode = umask_mode()
+    for file in tmp.iterdir():
+        os.chmod(file, mode)
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    try:
+        os.rename(tmp, final)  # a directory: fails if final exists and is not empty
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(f"{where}: {final} was created by another writer meanwhile; not replaced") from None
+        raise
+    fsync_dir(final.parent)
 
 
 def read_metadata(where: str, path: Path):

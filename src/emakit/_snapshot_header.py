@@ -1,7 +1,7 @@
 """The snapshot header: file names, metadata fields, their validation, and per-tensor checksums.
 
 Owns what a snapshot *says* about itself, whatever file holds it (single-file safetensors or
-a sharded DCP directory): the format name and version, the time in the file name, each
+a sharded ``.shards`` or DCP directory): the format name and version, the time in the file name, each
 profile's ``sigma_rel`` and ``gamma``, the tensor names and dtypes, the CRC-32 of every
 tensor, and the checks that reject a damaged or edited header with a
 :class:`SnapshotError` naming the file. Reads and writes no file (:mod:`emakit.snapshots`
@@ -26,6 +26,7 @@ FORMAT = "emakit.phema"
 VERSION = 1
 _PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.safetensors$")
 _DCP_PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.dcp$")
+_SHARDS_PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.shards$")
 _DCP_INFO = "emakit.json"
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
@@ -35,10 +36,11 @@ class SnapshotError(ValueError):
     """A snapshot file or directory that cannot be used; the message names the file."""
 
 
-
 def checksum(tensor: Tensor) -> str:
     """CRC-32 of a tensor's bytes, as 8 hex digits (what snapshot headers store per tensor)."""
-    flat = tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+    flat = (
+        tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+    )
     flat = flat.cpu()
     if flat.numel() == 0:
         return f"{zlib.crc32(b''):08x}"
@@ -86,12 +88,17 @@ class SnapshotInfo:
     keys: tuple[str, ...]  # the model's state-dict keys, in order
     aliases: Mapping[str, str]  # key -> stored name, for tied tensors
     nbytes: int
-    sharded: bool = False  # a DCP directory written by several ranks
+    sharded: bool = False  # a directory written by several ranks (``.shards``, or DCP's ``.dcp``)
     flat: tuple[str, ...] = ()  # names stored flattened (DeepSpeed ZeRO-3), reshaped on reading
     checksums: Mapping[str, str] | None = None  # key -> CRC-32 (hex) of its bytes; None in older files
     encoding: str = "fp32"  # "fp32": plain tensors (also fp16/bf16 ones); "compact": see emakit._encoding
     reference: float | None = None  # compact delta snapshot: the t of the snapshot it is relative to
     scales: Mapping[str, float] | None = None  # compact delta snapshot: avg key -> its delta's scale
+
+    @property
+    def pickled(self) -> bool:
+        """Whether reading it unpickles (a DCP ``.dcp`` snapshot): read those only from a trusted source."""
+        return self.sharded and self.path.suffix == ".dcp"
 
     @property
     def num_profiles(self) -> int:
@@ -151,7 +158,9 @@ def _compact_fields(path: Path, meta: Mapping[str, str], t: float) -> tuple[dict
         ) from None
     if reference is not None and not (math.isfinite(reference) and 0 <= reference < t):
         raise SnapshotError(f"{path}: compact snapshot at t={t:g} is relative to t={reference:g}; expected t < {t:g}")
-    if scales is not None and (set(scales) != set(shapes) or not all(math.isfinite(v) and v >= 0 for v in scales.values())):
+    if scales is not None and (
+        set(scales) != set(shapes) or not all(math.isfinite(v) and v >= 0 for v in scales.values())
+    ):
         raise SnapshotError(f"{path}: compact snapshot scales do not cover its averages or are not finite (corrupted?)")
     return shapes, reference, scales
 
@@ -259,7 +268,8 @@ def _check_header_values(
     path: Path, t: float, sigma_rels: tuple, gammas: tuple, dtype: torch.dtype, num_updates: int
 ) -> None:
     """The header's numbers are what a snapshot can hold: ``t`` as in the file name, gammas of the sigma_rels."""
-    match = (_PATTERN if path.suffix == ".safetensors" else _DCP_PATTERN).match(path.name)
+    pattern = {".safetensors": _PATTERN, ".dcp": _DCP_PATTERN, ".shards": _SHARDS_PATTERN}.get(path.suffix)
+    match = pattern.match(path.name) if pattern is not None else None
     if match is not None and float(match["t"]) != t:
         raise SnapshotError(f"{path}: the header says t={t:g}, the file name t={float(match['t']):g}")
     from .schedules import SIGMA_REL_MAX, sigma_rel_to_gamma

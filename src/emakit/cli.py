@@ -4,15 +4,16 @@ emakit inspect run/phema
 emakit reconstruct run/phema --sigma-rel 0.03,0.05,0.08 --out run/ema
 emakit reconstruct run/phema --sigma-rel 0.02:0.20:0.01 --out run/ema --dtype float16
 emakit reconstruct run/phema --halflife 2000 --out run/ema      # a classic EMA, fitted
-emakit export run/phema --out archive/phema --trust              # sharded (DCP) -> single files
+emakit export run/phema --out archive/phema                      # sharded -> single files
 emakit verify run/phema run/ema.pt                               # readable, complete, finite?
 emakit plan --steps 100000 --sigma-rel 0.03:0.2 --max-fit-error 1e-3  # profiles + interval, fewest bytes
 emakit prune run/phema --sigma-rel 0.05:0.15 --max-fit-error 1e-3 --dry-run
 emakit sweep run/phema --eval mytask:fid --model mytask:make_model --search --out run/sweep
 
 Every bad argument or unreadable input is one line on stderr and exit status 2 (``verify``:
-1 when it found problems). Sharded snapshots (``phema-*.dcp``) hold a pickled DCP
-``.metadata``: the commands that read them need ``--trust``.
+1 when it found problems). Sharded snapshots written by emakit 0.1 (``phema-*.dcp``) hold a
+pickled DCP ``.metadata``: the commands that read them need ``--trust``. Today's sharded
+snapshots (``phema-*.shards``) are safetensors and JSON, read without it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ._atomic import write_then_rename
 #: The most values one option (``--sigma-rel`` etc.) may list or a range expand to.
 MAX_VALUES = 1000
 
-_SNAPSHOT_DIR = "a directory of snapshots (phema-*.safetensors files or phema-*.dcp directories)"
+_SNAPSHOT_DIR = "a directory of snapshots (phema-*.safetensors files or phema-*.shards / .dcp directories)"
 
 
 class CommandError(Exception):
@@ -249,8 +250,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("  no sigma_rel is reconstructed reliably from these snapshots")
     if args.verbose:
         for s in snaps:
-            how = s.encoding if s.encoding != "compact" else (
-                "compact keyframe" if s.reference is None else f"compact delta to t={s.reference:g}"
+            how = (
+                s.encoding
+                if s.encoding != "compact"
+                else ("compact keyframe" if s.reference is None else f"compact delta to t={s.reference:g}")
             )
             print(f"    t={s.t:<12g} {s.path.name}  {s.nbytes / 2**20:.1f} MiB  {how}")
     return 0
@@ -284,7 +287,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     # Solve everything first: a bad request fails before any file is read or written.
     solutions = [posthoc.solve_coefficients(snaps, t=args.t, warn=False, **kw) for _, kw in targets]
     used = {info.path: info for sol in solutions for info in sol.snapshots}
-    _refuse_untrusted([p for p, info in sorted(used.items()) if info.sharded], args.trust)
+    _refuse_untrusted([p for p, info in sorted(used.items()) if info.pickled], args.trust)
     trust = _trust(posthoc.reconstruct, args.trust)
     sigma = [kw["sigma_rel"] for _, kw in targets if "sigma_rel" in kw]
     results: list[dict] = []
@@ -381,12 +384,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .snapshots import SnapshotError
 
     source = Path(args.path)
-    if source.name.endswith(".dcp"):
-        sharded = [_directory(source, "a sharded snapshot (a phema-*.dcp directory)")]
+    if source.name.endswith((".dcp", ".shards")):
+        sharded = [_directory(source, "a sharded snapshot (a phema-*.shards or .dcp directory)")]
     else:
         sharded = [p for p in snapshots.snapshot_paths(_directory(source, _SNAPSHOT_DIR)) if p.is_dir()]
     if not sharded:
-        raise CommandError(f"{source}: no sharded snapshots (phema-*.dcp) to export")
+        raise CommandError(f"{source}: no sharded snapshots (phema-*.shards or .dcp) to export")
     out = _output_directory(args.out)
     infos = [snapshots.read_info(p) for p in sharded]  # every header is checked before anything is written
     targets = [out / snapshots.file_name(info.t) for info in infos]
@@ -395,7 +398,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{existing[0]} exists; export never replaces a snapshot (remove it or choose another --out)"
         )
-    _refuse_untrusted(sharded, args.trust)
+    _refuse_untrusted([info.path for info in infos if info.pickled], args.trust)
     trust = _trust(snapshots.export, args.trust)
     for path, target in zip(sharded, targets):
         try:
@@ -543,7 +546,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     directory = _directory(args.directory, _SNAPSHOT_DIR)
     out = _output_directory(args.out)
     snaps = posthoc.list_snapshots(directory)
-    _refuse_untrusted([info.path for info in snaps if info.sharded], args.trust)
+    _refuse_untrusted([info.path for info in snaps if info.pickled], args.trust)
     model = factory()
     if not isinstance(model, torch.nn.Module):
         raise CommandError(f"--model: {args.model}() returned a {type(model).__name__}, expected a torch.nn.Module")
@@ -568,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     trust_help = (
-        "read sharded (phema-*.dcp) snapshots: their DCP .metadata is a pickle, which can run code; "
+        "read DCP sharded snapshots (phema-*.dcp, written by emakit 0.1): their .metadata is a pickle, which can run code; "
         "pass it only for folders you wrote"
     )
     values_help = f"; at most {MAX_VALUES} values in all"
@@ -601,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", required=True, help="pkg.module:function, called as function(model) -> float or dict")
     p.add_argument("--model", required=True, help="pkg.module:factory, called with no arguments -> the torch.nn.Module")
     p.add_argument(
-        "--sigma-rel", help="lengths to evaluate: 0.05,0.1 or 0.02:0.2:0.01 (default: 12 from 0.01 to 0.25)" + values_help
+        "--sigma-rel",
+        help="lengths to evaluate: 0.05,0.1 or 0.02:0.2:0.01 (default: 12 from 0.01 to 0.25)" + values_help,
     )
     p.add_argument("--search", action="store_true", help="golden-section search: about half the evaluations")
     p.add_argument("--metric", default=None, help="which of evaluate's results ranks the lengths (default: the first)")
@@ -611,10 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="store_true", help=trust_help)
     p.set_defaults(run=cmd_sweep)
 
-    p = sub.add_parser("export", help="write sharded (DCP) snapshots as single safetensors files, for storage")
-    p.add_argument("path", help="a phema-*.dcp snapshot, or a directory of them")
+    p = sub.add_parser("export", help="write sharded snapshots as single safetensors files, for storage")
+    p.add_argument("path", help="a phema-*.shards or phema-*.dcp snapshot, or a directory of them")
     p.add_argument("--out", required=True, help="directory for the phema-*.safetensors files")
-    p.add_argument("--trust", action="store_true", help=trust_help + " (export needs it: it reads them)")
+    p.add_argument("--trust", action="store_true", help=trust_help + " (exporting those needs it)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing")
     p.set_defaults(run=cmd_export)
 

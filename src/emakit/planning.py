@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from . import schedules
-from ._atomic import fsync_dir, write_then_rename
+from ._atomic import fsync_dir, temporary_name, write_then_rename
 from ._profiles import power_inner
 from .posthoc import FIT_ERROR_WARN, _normal_equations, list_snapshots
 from .snapshots import SnapshotError, snapshot_paths
@@ -188,8 +189,10 @@ def _check_range(where: str, sigma_rel) -> tuple[float, float]:
 
 
 def _check_fit(where: str, max_fit_error) -> float:
-    if isinstance(max_fit_error, bool) or not isinstance(max_fit_error, (int, float)) or not (
-        math.isfinite(max_fit_error) and max_fit_error > 0
+    if (
+        isinstance(max_fit_error, bool)
+        or not isinstance(max_fit_error, (int, float))
+        or not (math.isfinite(max_fit_error) and max_fit_error > 0)
     ):
         raise ValueError(f"{where}: max_fit_error must be a finite number > 0, got max_fit_error={max_fit_error!r}")
     return float(max_fit_error)
@@ -233,9 +236,7 @@ def plan(
     lo, hi = _check_range(where, sigma_rel)
     max_fit_error = _check_fit(where, max_fit_error)
     at = (float(steps),) if at is None else tuple(at)
-    if not at or not all(
-        not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t <= steps for t in at
-    ):
+    if not at or not all(not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t <= steps for t in at):
         raise ValueError(f"{where}: at must be times in (0, steps={steps}], got at={at!r}")
     at = tuple(sorted({float(t) for t in at}))
     cands = _candidates(lo, hi) if candidates is None else sorted({float(c) for c in candidates})
@@ -286,7 +287,8 @@ def plan(
             budget = best.bytes_per_parameter if best is not None else math.inf
             found = fewest(tuple(profiles), budget)
             if found is not None and (
-                best is None or (found.bytes_per_parameter, found.fit_error) < (best.bytes_per_parameter, best.fit_error)
+                best is None
+                or (found.bytes_per_parameter, found.fit_error) < (best.bytes_per_parameter, best.fit_error)
             ):
                 best = found
     if best is None:
@@ -321,8 +323,18 @@ class PruneReport:
 
 
 def _remove(path: Path) -> None:
-    """Delete one snapshot file (a seam: tests replace it to simulate a kill)."""
-    path.unlink(missing_ok=True)
+    """Delete one snapshot (a seam: tests replace it to simulate a kill).
+
+    A sharded snapshot (a directory) is first renamed to a hidden temporary name, so it stops
+    being listed at once; a kill during the removal leaves that hidden name, which the next
+    write into the directory reclaims.
+    """
+    if path.is_dir():
+        hidden = temporary_name(path)
+        os.rename(path, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _read_journal(journal: Path) -> dict:
@@ -341,7 +353,7 @@ def _finish(journal: Path) -> tuple[str, ...]:
     """Delete what the journal says, one file at a time, then the journal; the names deleted now."""
     record = _read_journal(journal)
     directory = journal.parent
-    missing = [n for n in record["keep"] if not (directory / n).is_file()]
+    missing = [n for n in record["keep"] if not (directory / n).exists()]
     if missing:
         raise SnapshotError(
             f"{journal}: the prune it records keeps {directory / missing[0]}, which is missing; the decision no "
@@ -412,7 +424,8 @@ def prune(
     error from an earlier round stands in until it is the best; removals rarely help others.)
     The whole decision is written to ``JOURNAL`` in the directory (atomically) before the first
     deletion; a call that finds a journal finishes it first, so a killed prune never leaves a
-    needed snapshot missing. ``dry_run`` deletes nothing. Single-file snapshots only.
+    needed snapshot missing. ``dry_run`` deletes nothing. Reads headers only (also of sharded
+    snapshots, whose headers are JSON), so it needs no ``trust``.
 
         report = prune("run/phema", sigma_rel=(0.05, 0.15), max_fit_error=1e-3)
     """
@@ -422,13 +435,7 @@ def prune(
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
         raise ValueError(f"{where}: grid must be an integer >= 2, got grid={grid!r}")
     directory = Path(directory)
-    paths = snapshot_paths(directory)  # SnapshotError when not a directory
-    sharded = [p for p in paths if p.is_dir()]
-    if sharded:
-        raise SnapshotError(
-            f"{sharded[0]}: prune handles single-file snapshots (phema-*.safetensors) only, not sharded ones "
-            f"(phema-*.dcp); convert them first with `emakit export {directory} --out DIR --trust`"
-        )
+    snapshot_paths(directory)  # SnapshotError when not a directory
     journal = directory / JOURNAL
     resumed: tuple[str, ...] = ()
     pending: set[str] = set()

@@ -283,12 +283,13 @@ def reconstruct(
     used. ``dtype="model"`` casts to the model's dtypes, ``"float32"`` or a torch dtype to
     that. A progress bar shows when tqdm is installed and ``progress`` is on.
 
-    Snapshots written by several ranks (``phema-*.dcp``) are read in one process, no
+    Snapshots written by several ranks (``phema-*.shards``) are read in one process, no
     process group needed. ``like=`` a sharded state dict (e.g. ``model.state_dict()`` of the
     FSDP2 model, or a PowerEMA's ``averaged_state_dict()``) reconstructs in a distributed
-    run instead: collective, each rank reads only the shards its DTensors hold and gets
-    DTensors back (ready for ``dcp.save`` or ``model.load_state_dict``). Sharded snapshots
-    are read only with ``trust=True``: DCP's metadata is a pickle, which can run code.
+    run instead: each rank reads only the parts its DTensors hold and gets DTensors back
+    (ready for ``dcp.save`` or ``model.load_state_dict``). Sharded snapshots of emakit 0.1
+    (``phema-*.dcp``) are read only with ``trust=True``: DCP's metadata is a pickle, which
+    can run code (and reading them with ``like=`` is collective).
     ``accumulate=torch.float64`` sums the weighted snapshots in float64 (one float64 copy of
     each output while summing): lower rounding error where the fit is nearly exact.
 

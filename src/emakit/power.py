@@ -200,8 +200,8 @@ class PowerEMA(_Averager):
         model and carries no information for reconstruction).
 
         Distributed runs: with sharded averages (FSDP2, ZeRO-3, ``shard=True``) this is
-        collective and writes ``<directory>/phema-<t>.dcp``, each rank its own shards
-        (nothing gathered); replicated ones (DDP) are written by rank 0 alone, whichever
+        collective and writes ``<directory>/phema-<t>.shards``, each rank its own shards as
+        safetensors, rank 0 a JSON index (nothing gathered, nothing pickled); replicated ones (DDP) are written by rank 0 alone, whichever
         ranks call it. Both kinds reconstruct alike (:func:`emakit.posthoc.reconstruct`).
 
         ``encoding="compact"`` (single-file, fp32 only) stores each average as an int16 delta

@@ -13,11 +13,14 @@ object or the list of profiles that wrote it. Tensor keys:
 Files are written to a hidden temporary name in the same directory and renamed into place,
 so a crash never leaves a file that is listed as a snapshot.
 
-A sharded run (FSDP2, DeepSpeed ZeRO-3, ``shard=True``) writes ``phema-<t>.dcp``, a
-``torch.distributed.checkpoint`` directory where each rank wrote only its own shards, with
-the same keys and an ``emakit.json`` holding the same metadata. Both kinds are listed,
-read and reconstructed alike; :func:`export` turns a DCP snapshot into the single-file
-form, which has a stable format (DCP promises none across torch versions).
+A sharded run (FSDP2, DeepSpeed ZeRO-3, ``shard=True``) writes ``phema-<t>.shards``, a
+directory where each rank wrote only its own shards as ``rank-<r>.safetensors``, with the
+same keys, and an ``emakit.json`` index holding the same metadata plus where every part
+lies and its checksum (see :mod:`emakit._shard_files`): no pickle anywhere, so it reads
+without trust. Sharded snapshots of earlier versions are ``phema-<t>.dcp``
+``torch.distributed.checkpoint`` directories, whose ``.metadata`` is a pickle: they are
+read only with ``trust=True``. All kinds are listed, read and reconstructed alike;
+:func:`export` turns a sharded snapshot into the single-file form.
 
 A single-file snapshot may be *compact* (header ``encoding="compact"``, see
 :mod:`emakit._encoding`): each ``avg.<j>/<name>`` is then a uint8 tensor of compressed
@@ -39,13 +42,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import _dcp
+from . import _dcp, _shard_files
 from ._atomic import write_then_rename
 from ._snapshot_header import (
     _DCP_INFO,
     _DCP_PATTERN,
     _PATTERN,
     _SAFETENSORS_DTYPES,
+    _SHARDS_PATTERN,
     ENCODINGS,
     FORMAT,
     VERSION,
@@ -70,10 +74,12 @@ __all__ = [
     "open_tensors",
     "read_info",
     "require_trust",
+    "shard_parts",
     "snapshot_paths",
     "write_sharded_snapshot",
     "write_snapshot",
 ]
+
 
 def _encoding():
     """The compact codec, imported on first use (it needs numpy, which emakit itself does not)."""
@@ -95,7 +101,7 @@ def _safetensors():
 
 def _final_path(directory: str | os.PathLike, t: float, suffix: str) -> Path:
     directory = Path(directory)
-    for other in (".safetensors", ".dcp"):
+    for other in (".safetensors", ".shards", ".dcp"):
         path = directory / file_name(t, other)
         if path.exists():
             raise FileExistsError(f"save_snapshot: {path} already exists (a snapshot at t={t} was saved before)")
@@ -241,15 +247,21 @@ def write_sharded_snapshot(
     copies: dict[str, Tensor],
     static: dict[str, Tensor],
     model_shapes: dict[str, tuple[int, ...]],
+    container: str = "shards",
     **fields,
 ) -> Path:
-    """Write one snapshot as a DCP directory, each rank its own shards (collective).
+    """Write one snapshot as a directory, each rank its own shards (collective).
 
     Same arguments as :func:`write_snapshot`; ``averages`` hold DTensors (or plain replicated
     tensors, written once) already in ``dtype``. ``model_shapes`` gives the model's shape of
     every tensor (a flattened ZeRO-3 average is stored 1-D and reshaped on reading).
+    ``container="shards"`` (default) writes ``phema-<t>.shards`` (safetensors per rank and a
+    JSON index, no pickle); ``"dcp"`` writes the earlier DCP form ``phema-<t>.dcp``, which
+    readers open only with ``trust=True``.
     """
-    final = _final_path(directory, fields["t"], ".dcp")
+    if container not in ("shards", "dcp"):
+        raise ValueError(f"save_snapshot: container must be 'shards' or 'dcp', got container={container!r}")
+    final = _final_path(directory, fields["t"], f".{container}")
     state: dict[str, Tensor] = {}
     for j, profile in enumerate(averages):
         for name, v in profile.items():
@@ -258,6 +270,9 @@ def write_sharded_snapshot(
     state.update({f"static/{n}": v for n, v in static.items()})
     averaged = list(averages[0]) if averages else []
     metadata = _metadata(averaged=averaged, copied=list(copies), static=list(static), **fields)
+    if container == "shards":
+        write_part, write_index = _shard_files.writers(state, metadata, model_shapes)
+        return _dcp.write_directory("save_snapshot", final, write_part, extra=write_index)
     metadata["tensors"] = json.dumps(
         {
             key: [dtype_name(v.dtype), list(v.shape), list(model_shapes[key.split("/", 1)[1]])]
@@ -272,14 +287,15 @@ def write_sharded_snapshot(
 
 
 def snapshot_paths(directory: str | os.PathLike) -> list[Path]:
-    """The snapshots of a directory (``phema-*.safetensors`` files, ``phema-*.dcp`` directories), by name."""
+    """The snapshots of a directory (``phema-*.safetensors`` files, ``phema-*.shards`` / ``.dcp`` directories), by name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise SnapshotError(f"{directory}: not a directory")
     return sorted(
         p
         for p in directory.iterdir()
-        if (_PATTERN.match(p.name) and p.is_file()) or (_DCP_PATTERN.match(p.name) and p.is_dir())
+        if (_PATTERN.match(p.name) and p.is_file())
+        or ((_DCP_PATTERN.match(p.name) or _SHARDS_PATTERN.match(p.name)) and p.is_dir())
     )
 
 
@@ -311,8 +327,11 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
 
 
 def _read_dcp_info(path: Path) -> SnapshotInfo:
+    """The header of a sharded snapshot directory: a ``.shards`` one (its index checked), or a DCP one."""
     try:
         meta = json.loads((path / _DCP_INFO).read_text())
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("not an object of strings")
         tensors = json.loads(meta["tensors"])
         shapes = {k: tuple(v[2]) for k, v in tensors.items()}
         flat = tuple(sorted({k.split("/", 1)[1] for k, v in tensors.items() if list(v[1]) != list(v[2])}))
@@ -320,7 +339,9 @@ def _read_dcp_info(path: Path) -> SnapshotInfo:
         raise SnapshotError(
             f"{path}: not a readable sharded snapshot ({_DCP_INFO} missing or malformed: {e})"
         ) from None
-    if not (path / ".metadata").is_file():
+    if path.suffix == ".shards" or "parts" in meta:
+        _shard_files.Parts(path, meta)  # every part present, in bounds, covering each tensor
+    elif not (path / ".metadata").is_file():
         raise SnapshotError(f"{path}: sharded snapshot without DCP .metadata (incomplete copy?)")
     nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     info = _parse_info(path, meta, shapes, nbytes)
@@ -464,9 +485,30 @@ class _DcpReader:
         self._cache.clear()
 
 
+class _ShardsReader:
+    """Reads whole tensors of a ``.shards`` snapshot in one process, each part checked against its checksum."""
+
+    def __init__(self, info: SnapshotInfo) -> None:
+        self._info = info
+        self._parts = _shard_files.Parts(info.path, json.loads((info.path / _DCP_INFO).read_text()))
+
+    def get(self, key: str) -> Tensor:
+        value = self._parts.read(key)
+        model_shape = self._parts.tensors[key][2]
+        return value.view(model_shape) if tuple(value.shape) != model_shape else value
+
+    def close(self) -> None:
+        self._parts.close()
+
+
+def shard_parts(info: SnapshotInfo) -> _shard_files.Parts:
+    """The part table of a ``.shards`` snapshot (for readers that want a box of each tensor)."""
+    return _shard_files.Parts(info.path, json.loads((info.path / _DCP_INFO).read_text()))
+
+
 def require_trust(info: SnapshotInfo, trust: bool) -> None:
-    """Refuse to read a sharded (DCP) snapshot unless the caller vouches for it: its metadata is a pickle."""
-    if info.sharded and not trust:
+    """Refuse to read a DCP (``.dcp``) snapshot unless the caller vouches for it: its metadata is a pickle."""
+    if info.pickled and not trust:
         raise SnapshotError(
             f"{info.path}: a sharded (DCP) snapshot, whose .metadata is a pickle: reading it can run code. Pass "
             f"trust=True (CLI: --trust) if you wrote it, and export it once to safetensors (emakit export --trust)"
@@ -477,23 +519,24 @@ def open_tensors(info: SnapshotInfo, order: list[str] | None = None, *, trust: b
     """A reader with ``get(key) -> Tensor`` (model-shaped, on the CPU) and ``close()``.
 
     ``order`` lists the keys in the order they will be asked for, so a sharded snapshot can
-    read them in batches; reading is streamed: one batch in memory at a time. A sharded
-    (DCP) snapshot is read only with ``trust=True``: DCP's metadata is a pickle.
+    read them in batches; reading is streamed: one batch in memory at a time. A DCP
+    (``.dcp``) snapshot is read only with ``trust=True``: DCP's metadata is a pickle.
     """
     require_trust(info, trust)
-    if info.sharded:
+    if info.pickled:
         return _DcpReader(info, list(order or []))
+    if info.sharded:
+        return _ShardsReader(info)
     return _SafetensorsReader(info)
 
 
 def export(path: str | os.PathLike, directory: str | os.PathLike, *, trust: bool = False) -> Path:
-    """Write a sharded (DCP) snapshot as a single-file ``phema-<t>.safetensors`` in ``directory``.
+    """Write a sharded snapshot (``.shards`` or DCP) as a single-file ``phema-<t>.safetensors`` in ``directory``.
 
     Runs in one process without a process group. The file holds the same tensors and
-    metadata as a single-process snapshot, in safetensors' stable format: use it for
-    long-lived storage (DCP promises no format compatibility across torch versions) and to
-    share (safetensors holds no code; DCP's metadata is a pickle, so this needs
-    ``trust=True``). Memory: the whole snapshot, once.
+    metadata as a single-process snapshot: one file to keep, move or share. A DCP snapshot
+    needs ``trust=True`` (its metadata is a pickle; DCP also promises no format compatibility
+    across torch versions). Memory: the whole snapshot, once.
     """
     info = read_info(path)
     if not info.sharded:

@@ -1,7 +1,7 @@
 """Checking snapshots and checkpoints without a model (``emakit verify``).
 
 Owns the checks of files at rest: power-EMA snapshots (``phema-<t>.safetensors`` files,
-``phema-<t>.dcp`` directories and directories of them), reconstructions written by
+``phema-<t>.shards`` / ``.dcp`` directories and directories of them), reconstructions written by
 ``emakit reconstruct``, and checkpoints of an average (``EMA.state_dict()`` saved with
 ``torch.save``, read with ``weights_only=True``; ``EMA.save`` DCP directories). Every
 header is parsed and every tensor read, once, one at a time (a batch at a time from a DCP
@@ -38,6 +38,7 @@ CHECKPOINT_FORMATS = ("emakit.EMA", "emakit.PowerEMA")
 RECONSTRUCTION_FORMAT = "emakit.ema"
 
 _DCP_SNAPSHOT = "sharded (DCP) snapshot"
+_SHARDS_SNAPSHOT = "sharded snapshot"
 _DCP_CHECKPOINT = "DCP checkpoint (EMA.save)"
 #: Bytes of checkpoint tensors read from a DCP folder per ``dcp.load`` call.
 _BATCH_BYTES = 256 << 20
@@ -48,7 +49,7 @@ _SHOWN = 3
 def verify(paths: Iterable[str | os.PathLike], *, trust: bool = False) -> list[str]:
     """The problems found in ``paths``, one line each (``"<path>: <problem>"``); ``[]`` when all is well.
 
-    Each path is a snapshot directory, a snapshot (file or ``.dcp`` directory), a
+    Each path is a snapshot directory, a snapshot (file, ``.shards`` or ``.dcp`` directory), a
     reconstruction, or a checkpoint (``torch.save(ema.state_dict())`` file or ``ema.save``
     directory). DCP folders are read only with ``trust=True`` (their metadata is a pickle);
     without it, :class:`emakit.snapshots.SnapshotError` names the first one before anything
@@ -78,7 +79,7 @@ def needs_trust(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
             found.append((path, kind))
         elif kind == "directory":
             try:
-                found += [(p, _DCP_SNAPSHOT) for p in snapshots.snapshot_paths(path) if p.is_dir()]
+                found += [(p, _DCP_SNAPSHOT) for p in snapshots.snapshot_paths(path) if p.suffix == ".dcp"]
             except (OSError, snapshots.SnapshotError):
                 pass  # reported when checked
     return found
@@ -87,6 +88,8 @@ def needs_trust(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
 def _kind(path: Path) -> str | None:
     if not path.is_dir():
         return "file" if path.exists() else None
+    if path.name.startswith("phema-") and path.suffix == ".shards":
+        return _SHARDS_SNAPSHOT
     if (path / snapshots._DCP_INFO).exists() or (path.name.startswith("phema-") and path.suffix == ".dcp"):
         return _DCP_SNAPSHOT
     if (path / ".metadata").exists():
@@ -99,7 +102,7 @@ def _check_path(path: Path) -> list[str]:
         kind = _kind(path)
         if kind is None:
             return [f"{path}: no such file or directory"]
-        if kind == _DCP_SNAPSHOT:
+        if kind in (_DCP_SNAPSHOT, _SHARDS_SNAPSHOT):
             return _check_snapshot(path)
         if kind == _DCP_CHECKPOINT:
             return _check_dcp_checkpoint(path)
@@ -145,7 +148,9 @@ def _names(names: list[str]) -> str:
 def _check_directory(path: Path) -> list[str]:
     paths = snapshots.snapshot_paths(path)
     if not paths:
-        return [f"{path}: no snapshots (phema-*.safetensors files or phema-*.dcp directories) in this directory"]
+        return [
+            f"{path}: no snapshots (phema-*.safetensors files, phema-*.shards or .dcp directories) in this directory"
+        ]
     problems = []
     for snapshot in paths:
         problems += _check_snapshot(snapshot)
@@ -365,9 +370,14 @@ def _check_dcp_checkpoint(path: Path) -> list[str]:
     """An ``EMA.save`` directory: header entries first, then the tensors a batch at a time."""
     errors = _read_errors()
     try:
-        meta = _dcp.read_metadata("verify", path).state_dict_metadata
+        metadata = _dcp.read_metadata("verify", path)
+        meta = metadata.state_dict_metadata
     except errors as e:
         return [f"{path}: not a readable DCP checkpoint (truncated or corrupted .metadata?): {_first_line(e)}"]
+    try:
+        _dcp.verify_checksums("verify", path, metadata)
+    except _dcp.CheckpointError as e:
+        return [str(e).removeprefix("verify: ")]
     small = {k: None for k, v in meta.items() if not hasattr(v, "size")}
     try:
         _dcp.load(small, path, no_dist=True, flatten=False)
