@@ -11,8 +11,11 @@ Campaigns (each fault counted as survived when emakit behaves as docs/reliabilit
    file (never a silently wrong reconstruction) or the flip hit unused padding.
 4. truncated snapshot files and damaged DCP checkpoints: survived when reading raises an
    ``Exception`` naming the path and ``EMA.load`` leaves the average exactly as it was.
-5. pickle payloads in sharded snapshots' ``.metadata``: survived when no payload runs
+5. pickle payloads in DCP sharded snapshots' ``.metadata``: survived when no payload runs
    without ``trust=True``.
+6. flipped bits in ``EMA.save`` checkpoints (data files and ``.metadata``) and in the parts
+   of pickle-free sharded snapshots (``phema-<t>.shards``): survived when loading raises an
+   ``Exception`` naming the path and leaves the average as it was (or the result is exact).
 
     python benchmarks/bench_faults.py            # about a minute
     python benchmarks/bench_faults.py --kills 3 --flips 20   # smoke run
@@ -58,7 +61,9 @@ for i in range(1, 10_000):
 
 
 def _kill_during(kind: str, directory: pathlib.Path, rng: random.Random) -> None:
-    child = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(directory)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER, kind, str(directory)], env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     time.sleep(2.0 + rng.random() * 2.0)  # past the imports, into the writes
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -150,6 +155,67 @@ def byte_flips(n: int, rng: random.Random, tmp: pathlib.Path) -> tuple[int, int]
     return n, survived
 
 
+def _flip(path: pathlib.Path, rng: random.Random) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(raw))
+
+
+def checkpoint_flips(n: int, rng: random.Random, tmp: pathlib.Path) -> tuple[int, int]:
+    """Flip one bit of an ``EMA.save`` directory (mostly its data, sometimes its metadata) and load it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 8))
+    source = emakit.EMA(model, decay=0.9)
+    source.update()
+    source.save(tmp / "ckflip-src")
+    want = {k: v.clone() for k, v in source.state_dict()["averages"][0].items()}
+    survived = 0
+    for i in range(n):
+        d = tmp / f"ckflip-{i}"
+        subprocess.run(["cp", "-r", str(tmp / "ckflip-src"), str(d)], check=True)
+        _flip(d / ".metadata" if i % 10 == 0 else next(d.glob("*.distcp")), rng)
+        fresh = emakit.EMA(model, decay=0.9)
+        before = {k: v.clone() for k, v in fresh.state_dict()["averages"][0].items()}
+        try:
+            fresh.load(d)
+            ok = all(torch.equal(fresh.state_dict()["averages"][0][k], v) for k, v in want.items())
+        except Exception as e:
+            ok = str(d) in str(e) and all(
+                torch.equal(fresh.state_dict()["averages"][0][k], v) for k, v in before.items()
+            )
+            if not ok:
+                print(f"  checkpoint flip {i}: {type(e).__name__}: {str(e)[:200]}")
+        survived += ok
+    return n, survived
+
+
+def shard_flips(n: int, rng: random.Random, tmp: pathlib.Path) -> tuple[int, int]:
+    """Flip one bit in a part file of a ``.shards`` snapshot (written in one process) and reconstruct."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 64)
+    fields = dict(
+        t=1.0, num_updates=1, sigma_rels=[0.1], gammas=[emakit.schedules.sigma_rel_to_gamma(0.1)],
+        averages=[{"w": w}], copies={}, static={}, model_shapes={"w": (64, 64)},
+        model_dtypes={"w": torch.float32}, dtype=torch.float32, keys=["w"], aliases={},
+    )  # fmt: skip
+    src = snapshots.write_sharded_snapshot(tmp / "shflip-src", **fields)
+    survived = 0
+    for i in range(n):
+        d = tmp / f"shflip-{i}"
+        subprocess.run(["cp", "-r", str(tmp / "shflip-src"), str(d)], check=True)
+        _flip(d / src.name / "rank-00000.safetensors", rng)
+        try:
+            got = posthoc.reconstruct(d, sigma_rel=0.1, progress=False)
+            ok = torch.equal(got["w"], w)
+        except snapshots.SnapshotError as e:
+            ok = str(d) in str(e)
+        except Exception as e:
+            print(f"  shard flip {i}: {type(e).__name__}: {e}")
+            ok = False
+        survived += ok
+    return n, survived
+
+
 def truncations_and_dcp(rng: random.Random, tmp: pathlib.Path) -> tuple[int, int]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Linear(32, 4))
@@ -199,7 +265,7 @@ class _Payload:
 
 def pickles(tmp: pathlib.Path) -> tuple[int, int]:
     path = snapshots.write_sharded_snapshot(
-        tmp / "pickle", t=1.0, num_updates=1, sigma_rels=[0.1], gammas=[emakit.schedules.sigma_rel_to_gamma(0.1)],
+        tmp / "pickle", container="dcp", t=1.0, num_updates=1, sigma_rels=[0.1], gammas=[emakit.schedules.sigma_rel_to_gamma(0.1)],
         averages=[{"w": torch.ones(2)}], copies={}, static={}, model_shapes={"w": (2,)},
         model_dtypes={"w": torch.float32}, dtype=torch.float32, keys=["w"], aliases={},
     )  # fmt: skip
@@ -236,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
             ("kill -9 during EMA.save (DCP)", checkpoint_kills(args.kills, rng, tmp)),
             ("flipped bit in a snapshot file", byte_flips(args.flips, rng, tmp)),
             ("truncated snapshot / damaged DCP checkpoint", truncations_and_dcp(rng, tmp)),
-            ("pickle payload in a sharded snapshot", pickles(tmp)),
+            ("pickle payload in a DCP sharded snapshot", pickles(tmp)),
+            ("flipped bit in an EMA.save checkpoint", checkpoint_flips(args.flips // 2, rng, tmp)),
+            ("flipped bit in a sharded snapshot part", shard_flips(args.flips // 2, rng, tmp)),
         ]
     print(f"command: python benchmarks/{' '.join(['bench_faults.py', *sys.argv[1:]])}")
     print(f"versions: torch {torch.__version__}, emakit {emakit.__version__}\n")

@@ -92,10 +92,10 @@ def make_model(num_tensors: int, numel: int, dtype: torch.dtype) -> nn.Module:
 # ------------------------------------------------------------------ contenders
 
 
-def emakit_contender(model: nn.Module, contiguous: bool = False):
+def emakit_contender(model: nn.Module, contiguous: bool = False, locate_nonfinite: bool = False):
     if contiguous:
         emakit.contiguous_parameters_(model)
-    ema = emakit.EMA(model, decay=DECAY)
+    ema = emakit.EMA(model, decay=DECAY, locate_nonfinite=locate_nonfinite)
     return ema.update
 
 
@@ -186,6 +186,7 @@ def run_scenario(title: str, num_tensors: int, numel: int, dtype: torch.dtype, r
         updates[f"(one {dtype} lerp_ of all params)"] = lambda: ema_low.lerp_(w_low, 1 - DECAY)
 
     contenders: dict[str, Callable] = {"emakit EMA": emakit_contender}
+    contenders["emakit EMA, locate_nonfinite=True"] = lambda m: emakit_contender(m, locate_nonfinite=True)
     if dtype == torch.float32:
         contenders["emakit EMA + contiguous_parameters_"] = lambda m: emakit_contender(m, contiguous=True)
     if num_tensors > 100:

@@ -269,6 +269,29 @@ def test_temporary_names_are_unique_and_never_listed(tmp_path):
     assert snapshots.snapshot_paths(tmp_path) == []
 
 
+def test_a_writer_killed_mid_write_leaves_nothing_the_next_write_keeps(tmp_path):
+    """The writing library's own temporary files (safetensors writes through one) go with the writer's."""
+    import subprocess
+    import sys
+
+    child = (
+        "import os, pathlib, sys\n"
+        "from emakit._atomic import write_then_rename\n"
+        "def write(tmp):\n"
+        "    (tmp.parent / '.tmpAbC123').write_bytes(b'half')  # what safetensors' writer leaves\n"
+        "    tmp.write_bytes(b'half')\n"
+        "    os._exit(9)  # killed mid-write: no cleanup runs\n"
+        "write_then_rename([(pathlib.Path(sys.argv[1]) / 'report.json', write)])\n"
+    )
+    assert subprocess.run([sys.executable, "-c", child, str(tmp_path)]).returncode == 9
+    assert [p.name for p in tmp_path.iterdir()][0].startswith(".report.json.")  # hidden: nothing listed
+    model, _ = trained()
+    pema = emakit.PowerEMA(model)
+    pema.update()
+    written = pema.save_snapshot(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [written.name]
+
+
 def test_stale_temporaries_of_dead_writers_are_reclaimed(tmp_path):
     import subprocess
     import sys
@@ -458,6 +481,41 @@ def test_nonfinite_error_brackets_the_update():
     ema.update()
     ema.update()
     with pytest.raises(emakit.NonFiniteError, match=r"'2.bias'.*after update 3 .*by update 6"):
+        ema.averaged_state_dict()
+
+
+@pytest.mark.parametrize("cls", [emakit.EMA, emakit.PowerEMA])
+def test_locate_nonfinite_names_the_exact_update(cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)).to(torch.bfloat16)  # fp32 averages: 2 groups
+    model.register_buffer("scale", torch.ones(3, dtype=torch.float64))
+    kwargs = {"decay": 0.9} if cls is emakit.EMA else {"sigma_rels": (0.1,)}
+    ema = cls(model, locate_nonfinite=True, **kwargs)
+    for step in range(1, 10):
+        if step == 4:
+            with torch.no_grad():
+                model.scale[1] = float("nan")  # enters the float64 group at update 4
+        if step == 7:
+            with torch.no_grad():
+                model[1].bias.fill_(float("inf"))  # the fp32 group later: the first one is named
+        ema.update(t=2.0 * step)
+    with pytest.raises(
+        emakit.NonFiniteError, match=r"holds NaN or Inf: a non-finite weight entered it at update 4 \(t=8;"
+    ):
+        ema.averaged_state_dict()
+    # Recovered by a load: the mark goes with the non-finite average.
+    with torch.no_grad():
+        model.scale[1] = 1.0
+        model[1].bias.zero_()
+    fresh = cls(model, locate_nonfinite=True, **kwargs)
+    fresh.update()
+    ema.load_state_dict(fresh.state_dict())
+    ema.averaged_state_dict()
+    ema.update()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    ema.update()
+    with pytest.raises(emakit.NonFiniteError, match=r"at update 3 \("):
         ema.averaged_state_dict()
 
 

@@ -103,18 +103,25 @@ def write_then_rename(writes: list[tuple[Path, Callable[[Path], None]]], *, repl
     """Write every file to its temporary name, then move them all into place.
 
     ``writes`` pairs each final path with a function that writes the file at the path it is
-    given. A crash or an error leaves no partial file under a final name (a hard kill may
-    leave a hidden temporary file, which no reader looks at and the next write to that
-    directory removes); if any write fails, none of the files is moved. ``replace=False``
-    refuses to replace an existing final file, atomically (``FileExistsError``).
+    given: a file of the final name inside a hidden temporary directory of this writer, so
+    whatever the writing library creates beside it (safetensors writes through a temporary
+    file of its own) goes too. A crash or an error leaves no partial file under a final name
+    (a hard kill may leave the hidden temporary directory, which no reader looks at and the
+    next write to that directory removes); if any write fails, none of the files is moved.
+    ``replace=False`` refuses to replace an existing final file, atomically
+    (``FileExistsError``).
     """
+    import shutil
+
     for directory in {final.parent for final, _ in writes}:
         reclaim_stale(directory)
     done: list[tuple[Path, Path]] = []
     mode = umask_mode()
     try:
         for final, write in writes:
-            tmp = temporary_name(final)
+            holder = temporary_name(final)
+            holder.mkdir()
+            tmp = holder / final.name
             done.append((tmp, final))
             try:
                 write(tmp)
@@ -133,8 +140,7 @@ def write_then_rename(writes: list[tuple[Path, Callable[[Path], None]]], *, repl
                 link_into_place(tmp, final)
     finally:
         for tmp, _ in done:
-            if tmp.exists():
-                tmp.unlink()
+            shutil.rmtree(tmp.parent, ignore_errors=True)
     for directory in {final.parent for _, final in done}:
         fsync_dir(directory)  # make the moves durable
 

@@ -54,6 +54,7 @@ class _Averager(Checkpointing):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        locate_nonfinite: bool = False,
         shard: Any = False,
     ) -> None:
         owner = type(self).__name__
@@ -93,6 +94,9 @@ class _Averager(Checkpointing):
         )
         self._schedules = list(schedules)
         self.skip_nonfinite = bool(skip_nonfinite)
+        #: Mark on the device, per update, the first update that made an average non-finite.
+        self.locate_nonfinite = bool(locate_nonfinite)
+        self._nonfinite_marks: dict[torch.device, Tensor] = {}
         #: Time of the last update, in the caller's unit (0 at construction).
         self.t: float = 0
         #: Updates applied, and updates skipped because the model held NaN/Inf.
@@ -106,7 +110,9 @@ class _Averager(Checkpointing):
         self._storage = storage
         self._binder = Binder(self._owner, storage, self._slots, self._rows_mesh)
         views = getattr(self, "_views", None)
-        self._views: weakref.WeakKeyDictionary[nn.Module, int] = views if views is not None else weakref.WeakKeyDictionary()
+        self._views: weakref.WeakKeyDictionary[nn.Module, int] = (
+            views if views is not None else weakref.WeakKeyDictionary()
+        )
         for view, k in list(self._views.items()):
             _module_view.refill(view, storage, k, self._aliases)  # module views stay current
         # Frozen parameters: averaged from the moment they are trainable (see _watch_frozen).
@@ -170,6 +176,8 @@ class _Averager(Checkpointing):
         else:
             _update.apply_(self._storage, binding, [1.0 - d for d in decays])
             self.num_updates += 1
+            if self.locate_nonfinite:
+                _update.note_nonfinite(self._storage, self._nonfinite_marks, self.num_updates, new_t)
         self.t = new_t
         return decays
 
@@ -266,13 +274,22 @@ class _Averager(Checkpointing):
             bad, where = "", "a shard held by another rank"
         if bad is None:
             self._finite_at = (self.num_updates, self.t)
+            self._nonfinite_marks.clear()  # (a load may have replaced a non-finite average)
             return
-        updates, t = getattr(self, "_finite_at", (0, 0))
+        located = [tuple(m.tolist()) for m in self._nonfinite_marks.values()]
+        located = min((m for m in located if m[0] >= 0), default=None)
+        if located is not None:
+            when = f"at update {int(located[0])} (t={located[1]:g}; locate_nonfinite=True marked it)"
+        else:
+            updates, t = getattr(self, "_finite_at", (0, 0))
+            when = (
+                f"after update {updates} (t={t:g}, when the averages were last checked and finite) and by update "
+                f"{self.num_updates} (t={self.t:g}; locate_nonfinite=True would name the exact update)"
+            )
         raise NonFiniteError(
-            f"{self._owner}.{what}: the average of {where} holds NaN or Inf: a non-finite weight entered it after "
-            f"update {updates} (t={t:g}, when the averages were last checked and finite) and by update "
-            f"{self.num_updates} (t={self.t:g}). Find the step that made the weights non-finite; resume from a "
-            f"checkpoint (load() / load_state_dict()); skip_nonfinite=True skips such updates instead"
+            f"{self._owner}.{what}: the average of {where} holds NaN or Inf: a non-finite weight entered it "
+            f"{when}. Find the step that made the weights non-finite; resume from a checkpoint (load() / "
+            f"load_state_dict()); skip_nonfinite=True skips such updates instead"
         )
 
     def _averaged_state_dict(self, k: int, dtype: str, full: bool = False) -> dict[str, Tensor]:

@@ -3,7 +3,8 @@
 Owns the per-update work and nothing else: no checks (the binding was validated by
 :mod:`emakit._binding`), no allocation (the storage planned every chunk and scratch), no
 host synchronisation (except :func:`all_finite`, which runs only when the non-finite guard
-is on). Each group takes one of three paths:
+is on). :func:`note_nonfinite` (``locate_nonfinite=True``) marks on the device the update
+that made an average non-finite. Each group takes one of three paths:
 
 - its sources form one flat array laid out like its buffer (``contiguous_parameters_``):
   one ``lerp_`` over the whole group, chunked when staged or when there are several profiles;
@@ -44,10 +45,28 @@ def apply_(storage: Storage, binding: Binding, coefficients: list[float]) -> Non
                 kernels.multi_lerp_(chunks.pieces, sources, chunks.batches, coefficients, chunks.scratch)
         flat = binding.small_flat[g]
         for batch in group.gathers:
-            kernels.gather_lerp_(batch.targets, flat[batch.first : batch.last], batch.gathered, batch.staged, coefficients)
+            kernels.gather_lerp_(
+                batch.targets, flat[batch.first : batch.last], batch.gathered, batch.staged, coefficients
+            )
     if binding.copies:
         for stored, (tbl, attr) in zip(storage.copies.values(), binding.copies):
             stored.copy_(tbl[attr])
+
+
+@torch.no_grad()
+def note_nonfinite(storage: Storage, marks: dict[torch.device, Tensor], update: int, t: float) -> None:
+    """Record ``(update, t)`` in ``marks[device]`` if profile 0 of a group there became non-finite now.
+
+    No host synchronisation: one sum over each group's first profile (NaN or Inf enters every
+    profile at once, and stays), compared and stored on the device. ``marks[device]`` is a
+    float64 pair, ``-1`` until the first non-finite update.
+    """
+    for group in storage.groups:
+        mark = marks.get(group.device)
+        if mark is None:
+            mark = marks[group.device] = torch.full((2,), -1.0, dtype=torch.float64, device=group.device)
+        fresh = torch.logical_and(~torch.isfinite(group.buffer[0].sum()), mark[0] < 0)
+        mark.copy_(torch.stack([torch.where(fresh, float(update), mark[0]), torch.where(fresh, float(t), mark[1])]))
 
 
 def all_finite(binding: Binding) -> bool:

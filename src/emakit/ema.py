@@ -44,6 +44,10 @@ class EMA(_Averager):
         device: device of the averages (default: the weights' device).
         skip_nonfinite: skip an update (with a warning) when the model holds NaN or Inf.
             Costs one host synchronisation per update.
+        locate_nonfinite: mark, on the device, the update that made the average non-finite,
+            so that :class:`NonFiniteError` names it exactly (otherwise it names the updates
+            between the last check and now). No host synchronisation; one extra read of the
+            average per update (``benchmarks/bench_update.py``, row ``locate_nonfinite``).
         shard: ``True`` (or a 1-D ``DeviceMesh``) splits the average of a replicated (DDP)
             model across the ranks: each keeps ``1/N`` of it, as DTensors sharded like FSDP2
             would. Sharded models (FSDP2, ZeRO-3) are always averaged shard by shard.
@@ -75,6 +79,7 @@ class EMA(_Averager):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        locate_nonfinite: bool = False,
         shard: Any = False,
     ) -> None:
         if decay is not None and schedule is not None:
@@ -93,6 +98,7 @@ class EMA(_Averager):
             dtype=dtype,
             device=device,
             skip_nonfinite=skip_nonfinite,
+            locate_nonfinite=locate_nonfinite,
             shard=shard,
         )
 

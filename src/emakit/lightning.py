@@ -376,8 +376,8 @@ class EMACallback(_AveragingCallback):
     run with the averaged weights. The average resumes exactly from Lightning checkpoints.
 
     Args:
-        decay, schedule, buffers, include, dtype, device, skip_nonfinite, shard: as in
-            :class:`emakit.EMA` (``schedule(t, dt)`` sees the time below).
+        decay, schedule, buffers, include, dtype, device, skip_nonfinite, locate_nonfinite,
+            shard: as in :class:`emakit.EMA` (``schedule(t, dt)`` sees the time below).
         time: ``"steps"`` (default): ``t`` counts optimizer steps taken; ``"samples"``: ``t``
             counts training samples over all ranks (for half-lives in images).
         averaged_in: stages that run with the averaged weights, among ``"validate"``,
@@ -415,6 +415,7 @@ class EMACallback(_AveragingCallback):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        locate_nonfinite: bool = False,
         shard: Any = False,
         time: str = "steps",
         averaged_in: Iterable[str] = STAGES,
@@ -429,7 +430,7 @@ class EMACallback(_AveragingCallback):
         if decay is not None:
             schedule = schedules.constant(decay)  # checks decay now, not when fitting starts
         kwargs = dict(schedule=schedule, buffers=buffers, include=include, dtype=dtype, device=device)
-        kwargs.update(skip_nonfinite=skip_nonfinite, shard=shard)
+        kwargs.update(skip_nonfinite=skip_nonfinite, locate_nonfinite=locate_nonfinite, shard=shard)
         super().__init__(
             kwargs,
             time=time,
@@ -470,7 +471,8 @@ class PowerEMACallback(_AveragingCallback):
         evaluate_sigma_rel: the profile swapped in for validation/test/predict and written by
             ``checkpoint_weights="averaged"``. ``None`` (default): evaluation uses the raw
             weights (``averaged_in`` defaults to none).
-        buffers, include, dtype, device, skip_nonfinite, shard: as in :class:`emakit.PowerEMA`.
+        buffers, include, dtype, device, skip_nonfinite, locate_nonfinite, shard: as in
+            :class:`emakit.PowerEMA`.
         time, averaged_in, checkpoint_weights, batch_size, sharded_dir: as in :class:`EMACallback`.
 
     Example::
@@ -495,6 +497,7 @@ class PowerEMACallback(_AveragingCallback):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        locate_nonfinite: bool = False,
         shard: Any = False,
         time: str = "steps",
         averaged_in: Iterable[str] | None = None,
@@ -531,7 +534,8 @@ class PowerEMACallback(_AveragingCallback):
                     f"got evaluate_sigma_rel={evaluate_sigma_rel}"
                 )
         kwargs = dict(sigma_rels=sigma_rels, gammas=None if gammas is None else tuple(gammas), buffers=buffers)
-        kwargs.update(include=include, dtype=dtype, device=device, skip_nonfinite=skip_nonfinite, shard=shard)
+        kwargs.update(include=include, dtype=dtype, device=device, skip_nonfinite=skip_nonfinite)
+        kwargs.update(locate_nonfinite=locate_nonfinite, shard=shard)
         super().__init__(
             kwargs,
             time=time,

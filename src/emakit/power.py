@@ -39,7 +39,8 @@ class PowerEMA(_Averager):
         sigma_rels: relative widths of the tracked profiles, each in ``(0, 0.2887)``;
             default ``(0.05, 0.10)``. Give this or ``gammas``.
         gammas: the profiles' exponents instead (each ``> -1``).
-        buffers, include, dtype, device, skip_nonfinite, shard: as in :class:`emakit.EMA`.
+        buffers, include, dtype, device, skip_nonfinite, locate_nonfinite, shard: as in
+            :class:`emakit.EMA`.
 
     Example::
 
@@ -65,6 +66,7 @@ class PowerEMA(_Averager):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        locate_nonfinite: bool = False,
         shard: Any = False,
     ) -> None:
         if sigma_rels is not None and gammas is not None:
@@ -92,6 +94,7 @@ class PowerEMA(_Averager):
             dtype=dtype,
             device=device,
             skip_nonfinite=skip_nonfinite,
+            locate_nonfinite=locate_nonfinite,
             shard=shard,
         )
 
