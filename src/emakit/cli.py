@@ -490,13 +490,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     print(_layout_line("plan", result.best))
     print(_layout_line("EDM2", result.edm2))
+    print(
+        "compact snapshots (save_snapshot(dir, encoding='compact')) take under half these bytes for about the "
+        "same reconstruction error; fp16 ones half, with far more error (docs/posthoc.md)"
+    )
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import planning
 
-    directory = _directory(args.directory, "a directory of single-file snapshots (phema-*.safetensors)")
+    directory = _directory(args.directory, _SNAPSHOT_DIR)
     report = planning.prune(directory, sigma_rel=args.sigma_rel, max_fit_error=args.max_fit_error, dry_run=args.dry_run)
     if report.resumed:
         print(f"finished an interrupted prune: removed {len(report.resumed)} files listed in {planning.JOURNAL}")
@@ -507,6 +511,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{report.fit_error_before:.2e} -> {report.fit_error_after:.2e} (sigma_rel {args.sigma_rel[0]:g}…"
         f"{args.sigma_rel[1]:g}, max {args.max_fit_error:g})"
     )
+    if report.rewritten:
+        verb = "would rewrite" if report.dry_run else "rewrote"
+        print(f"  {verb} {len(report.rewritten)} compact deltas as keyframes (their reference is removed)")
     if args.verbose:
         for name in report.removed:
             print(f"  {'-' if not report.dry_run else '?'} {name}")

@@ -21,6 +21,7 @@ before a run starts (synthetic times) or from the snapshot headers alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import json
@@ -38,7 +39,7 @@ from . import schedules
 from ._atomic import fsync_dir, temporary_name, write_then_rename
 from ._profiles import power_inner
 from .posthoc import FIT_ERROR_WARN, _normal_equations, list_snapshots
-from .snapshots import SnapshotError, snapshot_paths
+from .snapshots import SnapshotError, rewrite_as_keyframe, snapshot_paths
 
 __all__ = [
     "EDM2_PROFILES",
@@ -320,6 +321,7 @@ class PruneReport:
     fit_error_after: float
     dry_run: bool
     resumed: tuple[str, ...] = ()
+    rewritten: tuple[str, ...] = ()  # kept compact deltas rewritten as keyframes (their reference is removed)
 
 
 def _remove(path: Path) -> None:
@@ -340,7 +342,9 @@ def _remove(path: Path) -> None:
 def _read_journal(journal: Path) -> dict:
     try:
         record = json.loads(journal.read_text())
-        names = list(record["delete"]) + list(record["keep"])
+        names = list(record["delete"]) + list(record["keep"]) + list(record.get("rekey", []))
+        if not set(record.get("rekey", [])) <= set(record["keep"]):
+            raise ValueError("it rewrites snapshots it does not keep")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SnapshotError(f"{journal}: not a readable prune journal ({e}); remove it to prune again") from None
     bad = [n for n in names if not (isinstance(n, str) and Path(n).name == n and n.startswith("phema-"))]
@@ -350,7 +354,10 @@ def _read_journal(journal: Path) -> dict:
 
 
 def _finish(journal: Path) -> tuple[str, ...]:
-    """Delete what the journal says, one file at a time, then the journal; the names deleted now."""
+    """Do what the journal says: rewrite the listed deltas as keyframes, delete one file at a time, then the journal.
+
+    Returns the names deleted now.
+    """
     record = _read_journal(journal)
     directory = journal.parent
     missing = [n for n in record["keep"] if not (directory / n).exists()]
@@ -359,8 +366,12 @@ def _finish(journal: Path) -> tuple[str, ...]:
             f"{journal}: the prune it records keeps {directory / missing[0]}, which is missing; the decision no "
             f"longer holds, so nothing more is deleted (remove the journal to prune again)"
         )
+    for name in record.get("rekey", []):  # first: while every reference still exists
+        rewrite_as_keyframe(directory / name)  # (a no-op for one rewritten before a kill)
     deleted = []
-    for name in record["delete"]:
+    # Newest first: a compact delta refers only to older snapshots, so no file left behind by a
+    # kill refers to one already deleted (kept deltas were rewritten above).
+    for name in reversed(record["delete"]):
         path = directory / name
         if path.exists():
             _remove(path)
@@ -391,21 +402,20 @@ def _greedy(infos: Sequence, targets: Sequence[float], t: float, max_fit_error: 
     return gone, after
 
 
-def _keep_delta_chains(infos, gone: set[int]) -> set[int]:
-    """``gone`` less every snapshot a kept compact delta needs to decode (its chain back to a keyframe).
+def _to_rekey(keep: Sequence, removed: Sequence) -> list:
+    """The kept compact deltas whose reference is removed: rewritten as keyframes before any deletion."""
+    gone = {s.t for s in removed}
+    return [s for s in keep if getattr(s, "reference", None) in gone]
 
-    Keeping more snapshots only lowers the fit error, so the decision still meets its target.
+
+def _keyframe_bytes(info) -> int:
+    """An upper bound on a snapshot's size once rewritten as a keyframe.
+
+    Its file as it is (header, copies, the delta payloads) plus its averages in raw fp32 with
+    deflate's worst-case overhead: the keyframe replaces the payloads by at most that.
     """
-    by_t = {s.t: j for j, s in enumerate(infos)}
-    needed = set()
-    for j, s in enumerate(infos):
-        if j in gone:
-            continue
-        ref = getattr(s, "reference", None)
-        while ref is not None and ref in by_t and by_t[ref] not in needed:
-            needed.add(by_t[ref])
-            ref = getattr(infos[by_t[ref]], "reference", None)
-    return gone - needed
+    tensors = [math.prod(info.shapes[n]) for n in info.averaged] * info.num_profiles
+    return info.nbytes + sum(4 * n + 4 * n // 1000 + 64 for n in tensors)
 
 
 def prune(
@@ -424,7 +434,10 @@ def prune(
     error from an earlier round stands in until it is the best; removals rarely help others.)
     The whole decision is written to ``JOURNAL`` in the directory (atomically) before the first
     deletion; a call that finds a journal finishes it first, so a killed prune never leaves a
-    needed snapshot missing. ``dry_run`` deletes nothing. Reads headers only (also of sharded
+    needed snapshot missing. Compact snapshots: a kept delta whose reference is removed is
+    first rewritten, losslessly, as a keyframe (:func:`emakit.snapshots.rewrite_as_keyframe`),
+    so every kept snapshot decodes to exactly the values it did; ``bytes_after`` of a dry run
+    counts those at their raw fp32 size (an upper bound), of a real one the files as written. ``dry_run`` deletes nothing. Reads headers only (also of sharded
     snapshots, whose headers are JSON), so it needs no ``trust``.
 
         report = prune("run/phema", sigma_rel=(0.05, 0.15), max_fit_error=1e-3)
@@ -459,23 +472,20 @@ def prune(
         )
     with _one_thread():
         gone, after = _greedy(infos, targets, t, max_fit_error, before)
-    chained = _keep_delta_chains(infos, set(gone))
-    if chained != set(gone):  # kept for decoding: the fit only improves
-        with _one_thread():
-            after = _worst([s for j, s in enumerate(infos) if j not in chained], targets, [t])[0]
-    gone = chained
     keep = [s for j, s in enumerate(infos) if j not in gone]
     removed = [s for j, s in enumerate(infos) if j in gone]
+    rekey = _to_rekey(keep, removed)
     report = PruneReport(
         directory=directory,
         kept=tuple(s.path.name for s in keep),
         removed=tuple(s.path.name for s in removed),
         bytes_before=sum(s.nbytes for s in infos),
-        bytes_after=sum(s.nbytes for s in keep),
+        bytes_after=sum(_keyframe_bytes(s) if s in rekey else s.nbytes for s in keep),
         fit_error_before=before,
         fit_error_after=after,
         dry_run=dry_run,
         resumed=resumed,
+        rewritten=tuple(s.path.name for s in rekey),
     )
     if dry_run or not removed:
         return report
@@ -488,7 +498,8 @@ def prune(
         "fit_error_after": after,
         "keep": list(report.kept),
         "delete": list(report.removed),
+        "rekey": list(report.rewritten),
     }
     write_then_rename([(journal, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))])
     _finish(journal)
-    return report
+    return dataclasses.replace(report, bytes_after=sum(s.nbytes for s in list_snapshots(directory)))

@@ -74,6 +74,7 @@ __all__ = [
     "open_tensors",
     "read_info",
     "require_trust",
+    "rewrite_as_keyframe",
     "shard_parts",
     "snapshot_paths",
     "write_sharded_snapshot",
@@ -172,6 +173,42 @@ def write_snapshot(
     if chain is not None:
         commit()  # only once the file exists: a failed write leaves the chain where it was
     return final
+
+
+def rewrite_as_keyframe(path: str | os.PathLike) -> Path:
+    """Write a compact delta snapshot again, under its own name, as a keyframe: it then needs no reference.
+
+    Lossless: the keyframe stores exactly the values the delta decodes to, so every snapshot
+    written against this one still decodes to the same values. Atomic (the file is replaced
+    whole). Snapshots that are no compact delta are left as they are. Memory: the snapshot's
+    averages in fp32, once. Used by :func:`emakit.planning.prune` before it deletes a
+    snapshot that a kept delta refers to.
+    """
+    info = read_info(path)
+    if info.encoding != "compact" or info.reference is None:
+        return info.path
+    safetensors, _ = _safetensors()
+    reader = open_tensors(info)
+    try:
+        averages = [{n: reader.get(f"avg.{j}/{n}") for n in info.averaged} for j in range(info.num_profiles)]
+        others = {
+            f"{kind}/{n}": reader.get(f"{kind}/{n}")
+            for kind, names in (("copy", info.copied), ("static", info.static))
+            for n in names
+        }
+    finally:
+        reader.close()
+    tensors, fields, _ = DeltaChain().encode(info.path.parent, info.t, averages)  # a new chain: a keyframe
+    tensors.update({k: v.contiguous() for k, v in others.items()})
+    metadata = _metadata(
+        t=info.t, num_updates=info.num_updates, sigma_rels=list(info.sigma_rels), gammas=list(info.gammas),
+        averaged=list(info.averaged), copied=list(info.copied), static=list(info.static),
+        model_dtypes=dict(info.model_dtypes), dtype=info.dtype, keys=list(info.keys), aliases=dict(info.aliases),
+    )  # fmt: skip
+    metadata.update(fields)
+    metadata["checksums"] = json.dumps({key: checksum(v) for key, v in tensors.items()})
+    write_then_rename([(info.path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))])
+    return info.path
 
 
 def chain_names(averages: list[dict[str, Tensor]], chain: DeltaChain | None) -> list[str]:
