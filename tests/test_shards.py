@@ -118,6 +118,8 @@ def test_nothing_is_unpickled_on_the_post_hoc_path(tmp_path, capsys):
     (path / ".metadata").write_bytes(pickle.dumps(Payload()))  # a planted DCP-style pickle is never read
     posthoc.reconstruct(tmp_path / "phema", sigma_rel=0.1, progress=False)
     assert verify.verify([tmp_path / "phema"]) == []
+    assert main(["inspect", str(tmp_path / "phema")]) == 0
+    assert "encoding: fp32; 1 sharded (safetensors parts)" in capsys.readouterr().out
     for command in (["inspect", "{d}"], ["reconstruct", "{d}", "--sigma-rel", "0.1", "--out", "{o}"],
                     ["export", "{d}", "--out", "{o}2"], ["verify", "{d}"]):  # fmt: skip
         args = [a.format(d=tmp_path / "phema", o=tmp_path / "out") for a in command]

@@ -225,7 +225,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "total_bytes": sum(s.nbytes for s in snaps),
         "reliable_sigma_rel": reliable,
         "files": [
-            {"t": s.t, "file": s.path.name, "bytes": s.nbytes, "encoding": s.encoding, "reference": s.reference}
+            {
+                "t": s.t,
+                "file": s.path.name,
+                "bytes": s.nbytes,
+                "encoding": s.encoding,
+                "reference": s.reference,
+                "form": _form(s),
+            }
             for s in snaps
         ],
     }
@@ -240,7 +247,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{len(first.static)} static; stored as {summary['dtype']}"
     )
     encodings = sorted({s.encoding for s in snaps})
-    print(f"  size: {summary['total_bytes'] / 2**20:.1f} MiB; encoding: {', '.join(encodings)}")
+    forms = {f: sum(_form(s) == f for s in snaps) for f in sorted({_form(s) for s in snaps})}
+    print(
+        f"  size: {summary['total_bytes'] / 2**20:.1f} MiB; encoding: {', '.join(encodings)}; "
+        + ", ".join(f"{n} {f}" for f, n in forms.items())
+    )
     if reliable:
         print(
             f"  reliable sigma_rel range at t={snaps[-1].t:g}: {reliable[0]:.3f} … {reliable[1]:.3f} "
@@ -255,8 +266,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 if s.encoding != "compact"
                 else ("compact keyframe" if s.reference is None else f"compact delta to t={s.reference:g}")
             )
-            print(f"    t={s.t:<12g} {s.path.name}  {s.nbytes / 2**20:.1f} MiB  {how}")
+            print(f"    t={s.t:<12g} {s.path.name}  {s.nbytes / 2**20:.1f} MiB  {how}, {_form(s)}")
     return 0
+
+
+def _form(info) -> str:
+    """What holds a snapshot: one file, per-rank parts, or (emakit 0.1) a DCP directory."""
+    if not info.sharded:
+        return "single-file"
+    return "sharded (DCP, pickled metadata)" if info.pickled else "sharded (safetensors parts)"
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
