@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-import emakit
+from _walk import error, walk
 from emakit import posthoc
 
 TARGETS = (0.03, 0.05, 0.06, 0.08, 0.10, 0.15, 0.2)
@@ -31,33 +31,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snapshots", type=int, default=40)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(1, 1, bias=False)
-    model.weight = torch.nn.Parameter(torch.zeros(args.params, 1, dtype=torch.float64))
-    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
-    truth = emakit.PowerEMA(model, sigma_rels=TARGETS)
-    every = args.steps // args.snapshots
     print(f"command: python benchmarks/{' '.join(['bench_precision.py', *sys.argv[1:]])}")
     print("| sigma_rel | error, fp32 sum | error, float64 sum | fp32 / float64 |")
     print("|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as root:
         root = Path(root)
-        for step in range(1, args.steps + 1):
-            with torch.no_grad():
-                model.weight.add_(torch.randn_like(model.weight), alpha=1e-2)
-            pema.update()
-            truth.update()
-            if step % every == 0:
-                pema.save_snapshot(root)
-        final = model.weight.detach().clone()
+        truth, final = walk(args.params, args.steps, args.snapshots, TARGETS, lambda pema: pema.save_snapshot(root))
         for s in TARGETS:
-            want = truth.averaged_state_dict(sigma_rel=s)["weight"]
             errors = []
             for accumulate in (torch.float32, torch.float64):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # poorly supported edges: the same for both
                     got = posthoc.reconstruct(root, sigma_rel=s, progress=False, dtype="float64", accumulate=accumulate)
-                errors.append(float((got["weight"] - want).norm() / (want - final).norm()))
+                errors.append(error(got["weight"], truth, s, final))
             print(f"| {s:g} | {errors[0]:.3e} | {errors[1]:.3e} | {errors[0] / errors[1]:.2f} |")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import emakit
+from _walk import error, walk
 from emakit import planning, posthoc
 
 TARGETS = (0.05, 0.06, 0.08, 0.10, 0.12, 0.15)
@@ -34,8 +35,7 @@ def weight_error(directory: Path, truth: emakit.PowerEMA, final: torch.Tensor) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # poorly supported lengths after pruning: that is the point
             got = posthoc.reconstruct(directory, sigma_rel=s, progress=False, dtype=torch.float64)["weight"]
-        want = truth.averaged_state_dict(sigma_rel=s)["weight"]
-        worst = max(worst, float((got - want).norm() / (want - final).norm()))
+        worst = max(worst, error(got, truth, s, final))
     return worst
 
 
@@ -46,29 +46,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snapshots", type=int, default=40)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(1, 1, bias=False)
-    model.weight = torch.nn.Parameter(torch.zeros(args.params, 1, dtype=torch.float64))
-    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
-    truth = emakit.PowerEMA(model, sigma_rels=TARGETS)
-    every = args.steps // args.snapshots
     print(f"command: python benchmarks/{' '.join(['bench_prune.py', *sys.argv[1:]])}")
     print("| snapshots | removed | rewritten as keyframes | MiB before → after | fit error before → after "
           "| weight error before → after | prune s |")  # fmt: skip
     print("|---|---:|---:|---|---|---|---:|")
     with tempfile.TemporaryDirectory() as root:
         root = Path(root)
-        for step in range(1, args.steps + 1):
-            with torch.no_grad():
-                model.weight.add_(torch.randn_like(model.weight), alpha=1e-2)
-            pema.update()
-            truth.update()
-            if step % every == 0:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    pema.save_snapshot(root / "fp32")
-                    pema.save_snapshot(root / "compact", encoding="compact")
-        final = model.weight.detach().clone()
+
+        def save(pema: emakit.PowerEMA) -> None:
+            pema.save_snapshot(root / "fp32")
+            pema.save_snapshot(root / "compact", encoding="compact")
+
+        truth, final = walk(args.params, args.steps, args.snapshots, TARGETS, save)
         for name in ("fp32", "compact"):
             before = weight_error(root / name, truth, final)
             start = time.perf_counter()
