@@ -57,6 +57,7 @@ LAYERS: dict[str, int] = {
     "recipes.__init__": 9,
     "recipes.diffusion": 9,
     "demo": 10,
+    "_cli_args": 10,
     "cli": 11,
     "__main__": 12,
 }
