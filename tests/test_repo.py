@@ -64,3 +64,31 @@ def test_benchmark_runs_at_tiny_scale(script, expect):
     )
     assert out.returncode == 0, out.stderr
     assert all(e in out.stdout for e in expect), out.stdout
+
+
+def test_storage_benchmark_measures_a_finished_run(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    import emakit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    pema = emakit.PowerEMA(model, sigma_rels=(0.01, 0.05, 0.10))
+    run = tmp_path / "run"
+    for step in range(1, 241):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=1e-2)
+        pema.update()
+        if step % 12 == 0:
+            pema.save_snapshot(run / "phema")
+    torch.save({"model": model.state_dict(), "step": 240}, run / "checkpoint.pt")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_storage.py"), "--demo-run", str(run / "phema")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| compact |" in out.stdout and "| fp16 | " in out.stdout and "held-out 0.05:" in out.stdout
+    assert "fp32 pruned to fit error 0.001 over 0.03:0.2" in out.stdout
