@@ -43,7 +43,9 @@ def test_codec_round_trip_within_half_a_step():
     ref = x.float()
     y = x + torch.randn(1000, dtype=torch.float64) * 1e-3
     payload, scale, decoded = _encoding.encode_delta(y, ref)
-    assert scale == pytest.approx(float((y - ref.double()).abs().max()) / _encoding.LEVELS, rel=1e-6)
+    d = y - ref.double()
+    want = min(float(d.abs().max()) / _encoding.LEVELS, float(d.square().mean().sqrt()) / _encoding.RMS_LEVELS)
+    assert scale == pytest.approx(want, rel=1e-6)
     assert float((decoded.double() - y).abs().max()) <= scale / 2 + 2 * 2**-24 * float(y.abs().max())
     assert torch.equal(_encoding.decode_delta(payload, scale, ref), decoded)
     zero, s0, same = _encoding.encode_delta(ref, ref)  # no change: scale 0
@@ -94,7 +96,9 @@ def test_missing_reference_is_a_clear_error(tmp_path):
     snapshots.clear_decoded_cache()
     info = snapshots.read_info(tmp_path / snapshots.file_name(3.0))
     reader = snapshots.open_tensors(info)
-    with pytest.raises(snapshots.SnapshotError, match=r"phema-000000000000003.*reference phema-000000000000002.*missing"):
+    with pytest.raises(
+        snapshots.SnapshotError, match=r"phema-000000000000003.*reference phema-000000000000002.*missing"
+    ):
         reader.get("avg.0/weight")
     reader.close()
 
@@ -173,3 +177,20 @@ def test_compact_rejects_other_dtypes(tmp_path):
         pema.save_snapshot(tmp_path, encoding="compact", dtype=torch.float16)
     with pytest.raises(ValueError, match="encoding must be one of"):
         pema.save_snapshot(tmp_path, encoding="fp8")
+
+
+def test_heavy_tailed_deltas_get_the_finer_rms_step_and_decode_within_half_a_step():
+    torch.manual_seed(0)
+    ref = torch.randn(10_000)
+    d = torch.randn(10_000, dtype=torch.float64) * 1e-3
+    d[:10] *= 50  # a few large steps: max is ~200 rms
+    payload, scale, decoded = _encoding.encode_delta(ref.double() + d, ref)
+    rms = float(d.square().mean().sqrt())
+    assert scale == pytest.approx(rms / _encoding.RMS_LEVELS, rel=1e-6)  # not max / LEVELS, 25x coarser
+    assert float((decoded.double() - (ref.double() + d)).abs().max()) <= scale / 2 + 2 * 2**-24 * 5
+    assert torch.equal(_encoding.decode_delta(payload, scale, ref), decoded)  # the outliers are int32 escapes
+    # Huge outliers among zeros: the steps still fit int32.
+    sparse = torch.zeros(1000, dtype=torch.float64)
+    sparse[0] = 1e6
+    payload, scale, decoded = _encoding.encode_delta(sparse, torch.zeros(1000))
+    assert float((decoded.double() - sparse).abs().max()) <= scale / 2 + 1e6 * 2**-23

@@ -7,10 +7,13 @@ Compact snapshots store each average either as a *keyframe* (its fp32 bits) or a
 - keyframe: the fp32 bytes, byte-shuffled (all first bytes, then all second bytes, ...,
   so the sign/exponent bytes compress) and deflated: lossless.
 - delta: ``q = round((x - reference) / scale)``, one ``scale`` per tensor,
-  ``scale = max|x - reference| / 40000`` rounded to fp32; the steps as int16 (byte-shuffled),
-  the few beyond int16's range (Gaussian tails past ~4 sigma) as int32 escapes
-  (count, indices, values) after them, all deflated. 40000 levels rather than 32767 cut
-  the error 18% for ~2% more bytes (benchmarks/bench_storage.py).
+  ``scale = min(rms / 8000, max / 40000)`` of ``|x - reference|``, rounded to fp32; the steps
+  as int16 (byte-shuffled), the few beyond int16's range (tails past ~4 rms) as int32
+  escapes (count, indices, values) after them, all deflated. For Gaussian steps the two
+  bounds agree (max is about 5 rms); for the heavy-tailed deltas of real training (max 7 to
+  11 rms in large weight matrices) the rms bound halves the step, and so the error, for
+  about 5% more bytes (benchmarks/bench_storage.py --demo-run). 40000 levels rather than
+  32767 cut the error 18% for ~2% more bytes.
   Decoding is ``reference + q * scale`` in fp32. The writer encodes against the
   *decoded* reference (closed loop), so each snapshot's error is at most ``scale / 2``
   plus one fp32 rounding, and errors do not accumulate along a chain.
@@ -38,8 +41,10 @@ from torch import Tensor
 
 #: Largest magnitude of an int16 step; larger ones are stored as escapes.
 Q_MAX = 32767
-#: Steps per ``max|x - reference|`` of a delta.
+#: Steps per ``max|x - reference|`` of a delta (the step is at most this fine) ...
 LEVELS = 40000
+#: ... and per root-mean-square of ``x - reference`` (at least this fine, for heavy tails).
+RMS_LEVELS = 8000
 #: zlib level: 6 (zlib's default) is within 1% of 9 in size here at about a third of the time.
 ZLIB_LEVEL = 6
 
@@ -81,7 +86,7 @@ def encode_delta(x: Tensor, reference: Tensor, levels: int = LEVELS) -> tuple[Te
 
     ``decoded`` is bit for bit what :func:`decode_delta` returns for this payload and
     scale; ``|decoded - x| <= scale / 2`` up to one fp32 rounding, with
-    ``scale = max|x - reference| / levels``.
+    ``scale = min(rms / RMS_LEVELS, max / levels)`` of ``|x - reference|``.
     """
     if reference.dtype != torch.float32 or reference.device.type != "cpu" or reference.shape != x.shape:
         raise ValueError(
@@ -90,11 +95,12 @@ def encode_delta(x: Tensor, reference: Tensor, levels: int = LEVELS) -> tuple[Te
         )
     diff = x.detach().to("cpu", torch.float64) - reference.to(torch.float64)
     peak = float(diff.abs().max()) if diff.numel() else 0.0
-    scale = float(np.float32(peak / levels))
-    if scale > 0 and peak / scale > levels + 0.5:  # fp32 rounding of the scale went down
-        scale = float(np.nextafter(np.float32(scale), np.float32(np.inf)))
+    rms = float(diff.square().mean().sqrt()) if diff.numel() else 0.0
+    scale = float(np.float32(min(peak / levels, rms / RMS_LEVELS)))
+    if scale > 0 and peak / scale >= 2**31 - 1:  # steps must fit int32 (a few huge outliers among zeros)
+        scale = float(np.float32(peak / (2**31 - 2)))
     if scale > 0:
-        q = torch.round(diff / scale).clamp_(-levels, levels).to(torch.int32)
+        q = torch.round(diff / scale).to(torch.int32)
     else:
         q = torch.zeros(x.shape, dtype=torch.int32)
     # Steps beyond int16 (the tails, when levels > Q_MAX) are escapes: index and value as int32, after the int16s.
@@ -114,7 +120,11 @@ def decode_delta(payload: Tensor, scale: float, reference: Tensor) -> Tensor:
     count = int(np.frombuffer(raw, dtype=np.int32, count=1, offset=2 * numel)[0]) if len(raw) >= 2 * numel + 4 else -1
     if count < 0 or len(raw) != 2 * numel + 4 + 8 * count:
         raise ValueError(f"decoded {len(raw)} bytes, expected {numel} int16 steps and their escapes")
-    q = np.ascontiguousarray(np.frombuffer(raw, np.uint8, 2 * numel).reshape(2, numel).T).view(np.int16).astype(np.int32)
+    q = (
+        np.ascontiguousarray(np.frombuffer(raw, np.uint8, 2 * numel).reshape(2, numel).T)
+        .view(np.int16)
+        .astype(np.int32)
+    )
     where = np.frombuffer(raw, np.int32, count, 2 * numel + 4)
     q = q.reshape(-1)
     q[where] = np.frombuffer(raw, np.int32, count, 2 * numel + 4 + 4 * count)
