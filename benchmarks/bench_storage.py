@@ -37,7 +37,7 @@ Measured here (2 CPU cores, torch 2.13; speeds in fp32-equivalent MB/s; docs/pos
     format   bytes    error, untracked (max)  error, tracked (max)     write / read MB/s
     fp32     1.000x   9.06e-4                 1.5e-7                    490 / 1072
     fp16     0.500x   8.68e-3 (9.59x)         1.2e-3 (77.4x the bound)  1046 / 1255
-    compact  0.491x   9.11e-4 (1.01x)         1.65e-5 (1.05x)            65 / 340
+    compact  0.492x   9.10e-4 (1.01x)         1.52e-5 (1.00x)            65 / 340
 
 ``python benchmarks/bench_storage.py --demo-run /tmp/demo_full3/run/phema`` (``emakit demo
 --out /tmp/demo_full3``: 8000 steps, 40 snapshots x (0.01, 0.05, 0.10), 1,378,624 params)::
@@ -46,7 +46,7 @@ Measured here (2 CPU cores, torch 2.13; speeds in fp32-equivalent MB/s; docs/pos
                       untracked (max)       (max)           (0.05)
     fp32     1.000x   0                     2.8e-14         2.17e-3            754 / 664
     fp16     0.500x   5.0e-3 (at 0.03)      1.8e-3          2.79e-3 (1.29x)    524 / 719
-    compact  0.465x   1.2e-4 (at 0.03)      8.5e-5          2.17e-3 (1.00x)     61 / 244
+    compact  0.489x   5.9e-5 (at 0.03)      5.4e-5          2.17e-3 (1.00x)     61 / 244
 
     fp32 pruned to fit error 1e-3 over 0.03:0.2: 28 of 40 snapshots removed, 0.300x the
     bytes, worst fit error 4.1e-6 -> 9.7e-4; weight error against the unpruned
@@ -54,8 +54,10 @@ Measured here (2 CPU cores, torch 2.13; speeds in fp32-equivalent MB/s; docs/pos
 
 On the demo run compact meets the bytes and, at the held-out length, the error target; at
 the tracked and untracked lengths the run gives no fp32 error to compare with (see the
-caveats in docs/posthoc.md). Compact's error there is its quantisation noise, one scale per
-tensor: the demo's deltas are heavier-tailed than the random walk's.
+caveats in docs/posthoc.md). Compact's error there is its quantisation noise, one step per
+tensor (``min(rms / 8000, max / 40000)`` of the delta: the demo's deltas are heavier-tailed
+than the random walk's; with ``max / 40000`` alone it was 0.465x, 1.2e-4 and 8.5e-5).
+Speeds are from an idle machine; the figures of the latest run (under load) differ only in them.
 """
 
 from __future__ import annotations
