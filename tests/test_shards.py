@@ -65,6 +65,14 @@ def _edit_index(path: Path, edit) -> None:
     (path / "emakit.json").write_text(json.dumps(index))
 
 
+def _edit_tensors(path: Path, key: str, field: int, value) -> None:
+    index = _index(path)
+    tensors = json.loads(index["tensors"])
+    tensors[key][field] = value
+    index["tensors"] = json.dumps(tensors)
+    (path / "emakit.json").write_text(json.dumps(index))
+
+
 def test_parts_assemble_whole_tensors_and_any_box(tmp_path):
     path = _write_parts(tmp_path / "phema", 4.0)
     info = snapshots.read_info(path)
@@ -147,6 +155,11 @@ def _flip_data_byte(path: Path) -> None:
         ),
         (lambda p: _edit_index(p, lambda parts: parts.__setitem__("../x.safetensors", {})), r"names part '../x"),
         (lambda p: (p / "emakit.json").write_text("{not json"), r"not a readable sharded snapshot"),
+        (lambda p: _edit_tensors(p, "avg.0/w", 0, "int32"), r"averages stored as \['float32', 'int32'\]"),
+        (
+            lambda p: _edit_tensors(p, "avg.0/w", 1, [4, 5]),
+            r"part of 'avg.0/w' in rank-0000[0-2].safetensors lies outside its shape \(4, 5\)",
+        ),
     ],
 )
 def test_a_damaged_sharded_snapshot_is_an_error_naming_it(tmp_path, damage, message, capsys):

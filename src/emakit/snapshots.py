@@ -382,6 +382,12 @@ def _read_dcp_info(path: Path) -> SnapshotInfo:
         raise SnapshotError(f"{path}: sharded snapshot without DCP .metadata (incomplete copy?)")
     nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     info = _parse_info(path, meta, shapes, nbytes)
+    stored = {tensors[k][0] for k in tensors if k.startswith("avg.")}
+    if stored - {dtype_name(info.dtype)}:
+        raise SnapshotError(
+            f"{path}: averages stored as {sorted(stored)}, but the header says {dtype_name(info.dtype)} "
+            f"(corrupted or edited index?)"
+        )
     return SnapshotInfo(**{**info.__dict__, "sharded": True, "flat": flat})
 
 
