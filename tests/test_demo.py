@@ -85,6 +85,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "averages mostly the untrained start of the run" in text
     assert "![samples" in text and "(samples.png)" in text
     assert str(out / "report.md") in run.stdout
+    assert str(out / "samples.png") in run.stdout and "samples_raw.png" not in run.stdout  # what it wrote
 
 
 def _report(rows: list[dict], noise: float) -> dict:

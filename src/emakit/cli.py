@@ -245,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"best: {best['name']} ({best['metric']:.2f} vs raw {raw['metric']:.2f}); {report['wall_seconds']:.0f} s in all"
     )
-    for name in ("report.md", "report.json", "sweep.png", "samples_raw.png", "samples_ema.png"):
+    for name in report.get("files", ("report.md", "report.json", "sweep.png")):
         print(f"  {out / name}")
     return 0
 
