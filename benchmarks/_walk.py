@@ -17,9 +17,9 @@ import emakit
 
 
 def walk(params: int, steps: int, snapshots: int, targets, save: Callable[[emakit.PowerEMA], None],
-         tracked=(0.05, 0.10)) -> tuple[emakit.PowerEMA, torch.Tensor]:  # fmt: skip
+         tracked=(0.05, 0.10), seed: int = 0) -> tuple[emakit.PowerEMA, torch.Tensor]:  # fmt: skip
     """Returns the PowerEMA tracking ``targets`` exactly and the final weights."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Linear(1, 1, bias=False)
     model.weight = torch.nn.Parameter(torch.zeros(params, 1, dtype=torch.float64))
     pema = emakit.PowerEMA(model, sigma_rels=tracked)

@@ -73,6 +73,7 @@ from pathlib import Path
 import torch
 
 import emakit
+from _walk import error, walk
 from emakit import planning, posthoc, snapshots
 
 TRACKED = (0.05, 0.10)
@@ -82,26 +83,15 @@ FORMATS = {"fp32": {}, "fp16": {"dtype": torch.float16}, "compact": {"encoding":
 
 def run(params: int, steps: int, snapshots: int, root: Path, seed: int = 0) -> list[dict]:
     """Write the three snapshot directories of one random walk and measure each; one row per format."""
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(1, 1, bias=False)
-    model.weight = torch.nn.Parameter(torch.zeros(params, 1, dtype=torch.float64))
-    pema = emakit.PowerEMA(model, sigma_rels=TRACKED)
-    truth = emakit.PowerEMA(model, sigma_rels=TRACKED + UNTRACKED)
-    every = steps // snapshots
     write_s = dict.fromkeys(FORMATS, 0.0)
-    for step in range(1, steps + 1):
-        with torch.no_grad():
-            model.weight.add_(torch.randn_like(model.weight), alpha=1e-2)
-        pema.update()
-        truth.update()
-        if step % every == 0:
-            for name, kwargs in FORMATS.items():
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    pema.save_snapshot(root / name, **kwargs)
-                write_s[name] += time.perf_counter() - start
-    final = model.weight.detach().clone()
+
+    def save(pema: emakit.PowerEMA) -> None:
+        for name, kwargs in FORMATS.items():
+            start = time.perf_counter()
+            pema.save_snapshot(root / name, **kwargs)
+            write_s[name] += time.perf_counter() - start
+
+    truth, final = walk(params, steps, snapshots, TRACKED + UNTRACKED, save, tracked=TRACKED, seed=seed)
     rows = []
     for name in FORMATS:
         infos = posthoc.list_snapshots(root / name)
@@ -110,10 +100,7 @@ def run(params: int, steps: int, snapshots: int, root: Path, seed: int = 0) -> l
             warnings.simplefilter("ignore")  # poor-fit warnings at 0.03: the same for every format
             sds = posthoc.reconstruct(infos, list(TRACKED + UNTRACKED), progress=False, dtype=torch.float64)
         read_s = time.perf_counter() - start
-        errors = {}
-        for s, sd in zip(TRACKED + UNTRACKED, sds):
-            exact = truth.averaged_state_dict(s, dtype="model")["weight"]
-            errors[s] = float((sd["weight"] - exact).norm() / (exact - final).norm())
+        errors = {s: error(sd["weight"], truth, s, final) for s, sd in zip(TRACKED + UNTRACKED, sds)}
         rows.append(
             {
                 "format": name,

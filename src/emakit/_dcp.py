@@ -105,17 +105,8 @@ def _files_of(metadata) -> dict[str, list]:
 
 def _my_files(files: dict[str, list]) -> list[str]:
     """This rank's share of the files to checksum (all of them without a process group)."""
-    names = sorted(files)
-    if not distributed.dist_ready():
-        return names
-    world = _torch_dist().get_world_size()
-    return [n for j, n in enumerate(names) if j % world == distributed.rank()]
-
-
-def _torch_dist():
-    import torch.distributed as dist
-
-    return dist
+    world, me = distributed.world_size(), distributed.rank()
+    return [n for j, n in enumerate(sorted(files)) if j % world == me]
 
 
 def _crc(f, offset: int, length: int) -> str:
@@ -148,10 +139,7 @@ def _gathered(where: str, path: Path, work: Callable[[], list]) -> list:
         result: Any = work()
     except (OSError, CheckpointError) as e:
         result = f"{type(e).__name__}: {e}"
-    results = [result]
-    if distributed.dist_ready():
-        results = [None] * _torch_dist().get_world_size()
-        _torch_dist().all_gather_object(results, result)
+    results = distributed.all_gather_object(result)
     failed = [r for r in results if isinstance(r, str)]
     if failed:
         raise CheckpointError(f"{where}: could not checksum {path}: {failed[0]}")
@@ -225,12 +213,7 @@ def write_directory(
     final = Path(final)
     if final.exists():
         raise FileExistsError(f"{where}: {final} already exists; choose a new path (checkpoints are never replaced)")
-    name = [str(temporary_name(final))]  # rank 0's name (its host and pid) for all ranks
-    if distributed.dist_ready():
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(name, src=0)
-    tmp = Path(name[0])
+    tmp = Path(distributed.all_gather_object(str(temporary_name(final)))[0])  # rank 0's name (host, pid) for all
     if distributed.rank() == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
         reclaim_stale(final.parent)

@@ -77,11 +77,7 @@ def writers(state: dict[str, Tensor], metadata: dict[str, str], model_shapes: di
             local = part[0].detach().to(device="cpu", memory_format=torch.contiguous_format, copy=True)
             parts[key] = (local, part[1])
     table = {key: [offset, list(t.shape), checksum(t)] for key, (t, offset) in parts.items()}
-    tables = [table]
-    if distributed.dist_ready():
-        tables = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(tables, table)
-    files = {f"rank-{r:05d}.safetensors": t for r, t in enumerate(tables) if t}
+    files = {f"rank-{r:05d}.safetensors": t for r, t in enumerate(distributed.all_gather_object(table)) if t}
     mine = f"rank-{distributed.rank():05d}.safetensors"
 
     def write_part(tmp: Path) -> None:

@@ -304,6 +304,20 @@ def rank() -> int:
     return torch.distributed.get_rank() if dist_ready() else 0
 
 
+def world_size() -> int:
+    """Ranks in the default process group (1 without one)."""
+    return torch.distributed.get_world_size() if dist_ready() else 1
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, by rank (collective; ``[obj]`` without a process group). For small objects."""
+    if not dist_ready():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on any rank: collective (one all-reduce); ``flag`` itself without a process group."""
     if not dist_ready():

@@ -124,15 +124,17 @@ def write_snapshot(
     keys: list[str],
     aliases: dict[str, str],
     chain: DeltaChain | None = None,
+    replace: bool = False,
 ) -> Path:
     """Write one snapshot atomically; returns its path. Raises if that file already exists.
 
     With ``chain`` (a :class:`DeltaChain`) the averages are written compact: a delta
     against the chain's last snapshot, or a keyframe (see :meth:`DeltaChain.encode`).
+    ``replace`` (for :func:`rewrite_as_keyframe` only) replaces the file at that time, whole.
     """
     safetensors, _ = _safetensors()
     Path(directory).mkdir(parents=True, exist_ok=True)
-    final = _final_path(directory, t, ".safetensors")
+    final = Path(directory) / file_name(t) if replace else _final_path(directory, t, ".safetensors")
     tensors: dict[str, Tensor] = {}
     extra: dict[str, str] = {}
     if chain is not None:
@@ -168,7 +170,7 @@ def write_snapshot(
     metadata["checksums"] = json.dumps({key: checksum(v) for key, v in tensors.items()})
     # Never replaces a snapshot, also one another writer saves meanwhile (FileExistsError).
     write_then_rename(
-        [(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))], replace=False
+        [(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))], replace=replace
     )
     if chain is not None:
         commit()  # only once the file exists: a failed write leaves the chain where it was
@@ -187,28 +189,34 @@ def rewrite_as_keyframe(path: str | os.PathLike) -> Path:
     info = read_info(path)
     if info.encoding != "compact" or info.reference is None:
         return info.path
-    safetensors, _ = _safetensors()
-    reader = open_tensors(info)
+    # A new chain's first snapshot is a keyframe.
+    return write_snapshot(info.path.parent, **_read_all(info), chain=DeltaChain(), replace=True)
+
+
+def _read_all(info: SnapshotInfo, trust: bool = False) -> dict:
+    """Every tensor and header field of a snapshot, as :func:`write_snapshot`'s arguments (a copy of it)."""
+    order = [f"avg.{j}/{n}" for j in range(info.num_profiles) for n in info.averaged]
+    order += [f"copy/{n}" for n in info.copied] + [f"static/{n}" for n in info.static]
+    reader = open_tensors(info, order, trust=trust)
     try:
-        averages = [{n: reader.get(f"avg.{j}/{n}") for n in info.averaged} for j in range(info.num_profiles)]
-        others = {
-            f"{kind}/{n}": reader.get(f"{kind}/{n}")
-            for kind, names in (("copy", info.copied), ("static", info.static))
-            for n in names
-        }
+        tensors = {key: reader.get(key) for key in order}
+    except _dcp.CheckpointError as e:
+        raise SnapshotError(str(e)) from None
     finally:
         reader.close()
-    tensors, fields, _ = DeltaChain().encode(info.path.parent, info.t, averages)  # a new chain: a keyframe
-    tensors.update({k: v.contiguous() for k, v in others.items()})
-    metadata = _metadata(
-        t=info.t, num_updates=info.num_updates, sigma_rels=list(info.sigma_rels), gammas=list(info.gammas),
-        averaged=list(info.averaged), copied=list(info.copied), static=list(info.static),
-        model_dtypes=dict(info.model_dtypes), dtype=info.dtype, keys=list(info.keys), aliases=dict(info.aliases),
-    )  # fmt: skip
-    metadata.update(fields)
-    metadata["checksums"] = json.dumps({key: checksum(v) for key, v in tensors.items()})
-    write_then_rename([(info.path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))])
-    return info.path
+    return dict(
+        t=info.t,
+        num_updates=info.num_updates,
+        sigma_rels=list(info.sigma_rels),
+        gammas=list(info.gammas),
+        averages=[{n: tensors[f"avg.{j}/{n}"] for n in info.averaged} for j in range(info.num_profiles)],
+        copies={n: tensors[f"copy/{n}"] for n in info.copied},
+        static={n: tensors[f"static/{n}"] for n in info.static},
+        model_dtypes=dict(info.model_dtypes),
+        dtype=info.dtype,
+        keys=list(info.keys),
+        aliases=dict(info.aliases),
+    )
 
 
 def chain_names(averages: list[dict[str, Tensor]], chain: DeltaChain | None) -> list[str]:
@@ -585,26 +593,4 @@ def export(path: str | os.PathLike, directory: str | os.PathLike, *, trust: bool
     if not info.sharded:
         raise SnapshotError(f"{info.path}: already a single-file snapshot; nothing to export")
     require_trust(info, trust)
-    order = [f"avg.{j}/{n}" for j in range(info.num_profiles) for n in info.averaged]
-    order += [f"copy/{n}" for n in info.copied] + [f"static/{n}" for n in info.static]
-    reader = open_tensors(info, order, trust=trust)
-    try:
-        tensors = {key: reader.get(key) for key in order}
-    except _dcp.CheckpointError as e:
-        raise SnapshotError(str(e)) from None
-    finally:
-        reader.close()
-    return write_snapshot(
-        directory,
-        t=info.t,
-        num_updates=info.num_updates,
-        sigma_rels=list(info.sigma_rels),
-        gammas=list(info.gammas),
-        averages=[{n: tensors[f"avg.{j}/{n}"] for n in info.averaged} for j in range(info.num_profiles)],
-        copies={n: tensors[f"copy/{n}"] for n in info.copied},
-        static={n: tensors[f"static/{n}"] for n in info.static},
-        model_dtypes=dict(info.model_dtypes),
-        dtype=info.dtype,
-        keys=list(info.keys),
-        aliases=dict(info.aliases),
-    )
+    return write_snapshot(directory, **_read_all(info, trust))
