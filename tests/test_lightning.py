@@ -144,7 +144,7 @@ def test_one_update_per_optimizer_step_with_accumulation_and_fp16_skips(tmp_path
     float64 EMA of the recorded weights at the batches where the weights changed.
     """
     record = Trajectory()
-    callback = EMACallback(decay=0.8)
+    callback = EMACallback(decay=0.8, locate_nonfinite=True)
     scaler = torch.amp.GradScaler("cpu")
     run = trainer(
         max_steps=10,
@@ -156,6 +156,9 @@ def test_one_update_per_optimizer_step_with_accumulation_and_fp16_skips(tmp_path
     assert run.global_step == 10  # Lightning counts the skipped steps too
     assert scaler.get_scale() == 2.0**16 / 4  # halved at each of the 2 overflows
     assert (callback.ema.t, callback.ema.num_updates) == (8, 8)
+    # The overflowing steps never reached the average: nothing was marked non-finite.
+    assert callback.ema.locate_nonfinite and all(m[0] < 0 for m in callback.ema._nonfinite_marks.values())
+    assert callback.ema._nonfinite_marks  # (the marks exist: each update checked)
 
     # The reference finds the real steps on its own: the batches after which the parameters moved.
     params = [k for k in record.states[0] if not k.startswith("net.1.running") and "num_batches" not in k]
