@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 import emakit
-from emakit import demo, posthoc
+from emakit import posthoc
+from emakit._cli import demo
 from emakit.recipes import diffusion
 
 

@@ -12,7 +12,7 @@ pytest.importorskip("sklearn", reason="the demo needs the demo extra (installed 
 pytest.importorskip("matplotlib", reason="the demo needs the demo extra (installed by .[dev])")
 scipy_linalg = pytest.importorskip("scipy.linalg", reason="scipy comes with scikit-learn")
 
-from emakit import demo  # noqa: E402
+from emakit._cli import demo  # noqa: E402
 from emakit.recipes import diffusion  # noqa: E402
 
 

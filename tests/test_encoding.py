@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import emakit
-from emakit import _encoding, posthoc, snapshots
+from emakit import posthoc, snapshots
+from emakit._files import compact as _encoding
 from emakit.cli import main as cli_main
 
 pytest.importorskip("safetensors")

@@ -18,7 +18,7 @@ from torch import nn
 import emakit
 import emakit.verify
 from emakit import posthoc, snapshots
-from emakit._dcp import CHECKSUMS, CheckpointError
+from emakit._files.dcp import CHECKSUMS, CheckpointError
 
 pytest.importorskip("safetensors", reason="snapshots need the safetensors extra")
 
@@ -119,7 +119,7 @@ def test_checkpoint_items_carry_checksums_and_a_flipped_bit_names_the_tensor(tmp
     model, source = trained()
     source.save(tmp_path / "ckpt")
     record = json.loads((tmp_path / "ckpt" / CHECKSUMS).read_text())
-    meta = emakit._dcp.read_metadata("test", tmp_path / "ckpt")
+    meta = emakit._files.dcp.read_metadata("test", tmp_path / "ckpt")
     assert len(record["items"]) == len(meta.storage_data)  # every stored item, small entries too
     name = "averages.0.0.weight"
     _flip_in_item(tmp_path / "ckpt", name)
@@ -222,7 +222,7 @@ def test_trusted_sharded_snapshot_reads_and_a_damaged_one_names_the_file(tmp_pat
 
 
 def test_two_writers_of_one_snapshot_one_wins_and_its_data_stays(tmp_path):
-    from emakit import _atomic
+    from emakit._files import atomic as _atomic
 
     final = tmp_path / "phema-000000000000001.safetensors"
     calls = []
@@ -243,7 +243,7 @@ def test_two_writers_of_one_snapshot_one_wins_and_its_data_stays(tmp_path):
 
 
 def test_two_dcp_saves_to_one_path_never_replace_each_other(tmp_path):
-    from emakit import _dcp
+    from emakit._files import dcp as _dcp
 
     final = tmp_path / "ckpt"
 
@@ -258,7 +258,7 @@ def test_two_dcp_saves_to_one_path_never_replace_each_other(tmp_path):
 
 
 def test_temporary_names_are_unique_and_never_listed(tmp_path):
-    from emakit import _atomic
+    from emakit._files import atomic as _atomic
 
     final = tmp_path / "phema-000000000000001.safetensors"
     names = {_atomic.temporary_name(final).name for _ in range(100)}
@@ -276,7 +276,7 @@ def test_a_writer_killed_mid_write_leaves_nothing_the_next_write_keeps(tmp_path)
 
     child = (
         "import os, pathlib, sys\n"
-        "from emakit._atomic import write_then_rename\n"
+        "from emakit._files.atomic import write_then_rename\n"
         "def write(tmp):\n"
         "    (tmp.parent / '.tmpAbC123').write_bytes(b'half')  # what safetensors' writer leaves\n"
         "    tmp.write_bytes(b'half')\n"
@@ -296,7 +296,7 @@ def test_stale_temporaries_of_dead_writers_are_reclaimed(tmp_path):
     import subprocess
     import sys
 
-    from emakit import _atomic
+    from emakit._files import atomic as _atomic
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)

@@ -1,7 +1,7 @@
 """``migrate.load`` on checkpoints built by hand in each peer's layout (no peer needed).
 
 Each format is written here the way the peer's source writes it (see the module docstring
-of ``emakit._peer_checkpoints``) for a small model with BatchNorm and a frozen parameter,
+of ``emakit._peers.checkpoints``) for a small model with BatchNorm and a frozen parameter,
 loaded with ``source="auto"`` and with the explicit source, and compared with the tensors
 put in. Every rejected checkpoint must leave the EMA exactly as it was. The real peers are
 exercised in ``tests/test_peers_checkpoints.py``.
@@ -23,7 +23,7 @@ from torch.testing import assert_close
 
 import emakit
 from emakit import schedules
-from emakit._peer_checkpoints import SOURCES, load
+from emakit._peers.checkpoints import SOURCES, load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

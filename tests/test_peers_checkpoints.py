@@ -20,7 +20,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import emakit
-from emakit._peer_checkpoints import load
+from emakit._peers.checkpoints import load
 
 pytestmark = pytest.mark.peers
 

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from emakit import _shard_files, posthoc, schedules, snapshots, verify
-from emakit._snapshot_header import _metadata, checksum
+from emakit import posthoc, schedules, snapshots, verify
+from emakit._files import shards as _shard_files
+from emakit._files.header import _metadata, checksum
 from emakit.cli import main
 
 WEIGHT_SHAPE = (5, 4)

@@ -27,8 +27,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from ._atomic import write_then_rename
-from ._cli_args import (
+from ._cli.args import (
     MAX_VALUES,
     CommandError,
     _directory,
@@ -49,6 +48,7 @@ from ._cli_args import (
     parse_values,
     untrusted_message,
 )
+from ._files.atomic import write_then_rename
 
 _SNAPSHOT_DIR = "a directory of snapshots (phema-*.safetensors files or phema-*.shards / .dcp directories)"
 
@@ -216,7 +216,7 @@ def _saving(path: Path, write):
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from . import demo
+    from ._cli import demo
 
     for item in args.overrides:  # the recipe parses numbers with float(): refuse nan and inf here
         key, _, value = item.partition("=")
@@ -518,7 +518,7 @@ class _DropDcpLogs(logging.Filter):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (arguments, files): one line, exit status 2."""
-    from . import _dcp
+    from ._files import dcp as _dcp
     from .snapshots import SnapshotError
 
     errors: tuple[type[BaseException], ...] = (CommandError, SnapshotError, ValueError, ImportError, OSError)

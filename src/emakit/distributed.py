@@ -14,8 +14,8 @@ no communication per update. A tensor of the model is one of four kinds:
   is averaged, and the average is a 1-D ``Shard(0)`` DTensor of ``numel`` elements.
 
 Time is host-side (every rank holds the same ``t``), so decays need no communication either.
-DCP checkpoint files are :mod:`emakit._dcp`; reading snapshot shards for a distributed
-reconstruction is :mod:`emakit._shard_reader`.
+DCP checkpoint files are :mod:`emakit._files.dcp`; reading snapshot shards for a distributed
+reconstruction is :mod:`emakit._posthoc.shard_reader`.
 """
 
 from __future__ import annotations

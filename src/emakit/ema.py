@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from . import schedules
-from ._averager import _Averager, outside_compiled_graphs
-from ._model import key_mismatch_message, normalize_name
-from ._time import check_decay, check_time
+from ._engine.averager import _Averager, outside_compiled_graphs
+from ._engine.clock import check_decay, check_time
+from ._engine.model import key_mismatch_message, normalize_name
 
 __all__ = ["EMA"]
 

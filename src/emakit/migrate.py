@@ -35,14 +35,9 @@ from typing import Any
 
 from torch import nn
 
-from ._peer_checkpoints import load
-from ._peer_options import _OPTIONS, _option_arguments
-from ._peer_schedules import (
-    _RULES,
-    PEERS,
-    PeerSchedule,
-    _rule_arguments,
-)
+from ._peers.checkpoints import load
+from ._peers.options import _OPTIONS, _option_arguments
+from ._peers.schedules import _RULES, PEERS, PeerSchedule, _rule_arguments
 from .ema import EMA
 
 __all__ = [

@@ -36,8 +36,8 @@ from typing import NamedTuple
 import torch
 
 from . import schedules
-from ._atomic import fsync_dir, temporary_name, write_then_rename
-from ._profiles import power_inner
+from ._files.atomic import fsync_dir, temporary_name, write_then_rename
+from ._posthoc.profiles import power_inner
 from .posthoc import FIT_ERROR_WARN, _normal_equations, list_snapshots
 from .snapshots import SnapshotError, rewrite_as_keyframe, snapshot_paths
 

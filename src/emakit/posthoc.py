@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from . import schedules
-from ._profiles import _exponential_norm, exponential_inner, power_inner
-from ._sweep import SweepResult, as_metrics, check_grid, golden_section, write_report
+from ._posthoc.profiles import _exponential_norm, exponential_inner, power_inner
+from ._posthoc.sweep import SweepResult, as_metrics, check_grid, golden_section, write_report
 from .snapshots import (
     SnapshotError,
     SnapshotInfo,
@@ -307,7 +307,7 @@ def reconstruct(
     for info in used:
         require_trust(info, trust)  # before anything is read
     if like is not None:
-        from ._shard_reader import ShardReader
+        from ._posthoc.shard_reader import ShardReader
 
         reader_for = ShardReader.factory(like, latest)
     else:
@@ -402,7 +402,7 @@ def _state_dict(
         values[name] = v.to(target)
     values.update(extras)
     if like is not None:
-        from ._shard_reader import wrap_like
+        from ._posthoc.shard_reader import wrap_like
 
         values = wrap_like(like, values)
     ordered = {}

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, schedules, snapshots
-from ._averager import _Averager, outside_compiled_graphs
-from ._model import normalize_name
+from ._engine.averager import _Averager, outside_compiled_graphs
+from ._engine.model import normalize_name
 
 __all__ = ["PowerEMA"]
 

@@ -16,14 +16,14 @@ so a crash never leaves a file that is listed as a snapshot.
 A sharded run (FSDP2, DeepSpeed ZeRO-3, ``shard=True``) writes ``phema-<t>.shards``, a
 directory where each rank wrote only its own shards as ``rank-<r>.safetensors``, with the
 same keys, and an ``emakit.json`` index holding the same metadata plus where every part
-lies and its checksum (see :mod:`emakit._shard_files`): no pickle anywhere, so it reads
+lies and its checksum (see :mod:`emakit._files.shards`): no pickle anywhere, so it reads
 without trust. Sharded snapshots of earlier versions are ``phema-<t>.dcp``
 ``torch.distributed.checkpoint`` directories, whose ``.metadata`` is a pickle: they are
 read only with ``trust=True``. All kinds are listed, read and reconstructed alike;
 :func:`export` turns a sharded snapshot into the single-file form.
 
 A single-file snapshot may be *compact* (header ``encoding="compact"``, see
-:mod:`emakit._encoding`): each ``avg.<j>/<name>`` is then a uint8 tensor of compressed
+:mod:`emakit._files.compact`): each ``avg.<j>/<name>`` is then a uint8 tensor of compressed
 bytes, either a lossless fp32 keyframe or an int16 delta against the same tensor of the
 snapshot at header ``reference`` (same directory). Readers decode transparently back to the
 nearest keyframe, and keep the last decoded value of each average (one snapshot's averages,
@@ -42,9 +42,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import _dcp, _shard_files
-from ._atomic import write_then_rename
-from ._snapshot_header import (
+from ._files import dcp as _dcp
+from ._files import shards as _shard_files
+from ._files.atomic import write_then_rename
+from ._files.header import (
     _DCP_INFO,
     _DCP_PATTERN,
     _PATTERN,
@@ -84,7 +85,7 @@ __all__ = [
 
 def _encoding():
     """The compact codec, imported on first use (it needs numpy, which emakit itself does not)."""
-    from . import _encoding as codec
+    from ._files import compact as codec
 
     return codec
 

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dcp, posthoc, snapshots
-from ._checkpoint import STATE_VERSION
-from ._time import check_time
+from . import posthoc, snapshots
+from ._engine.checkpoint import STATE_VERSION
+from ._engine.clock import check_time
+from ._files import dcp as _dcp
 
 __all__ = ["CHECKPOINT_FORMATS", "needs_trust", "verify"]
 

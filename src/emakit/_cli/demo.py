@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import posthoc, schedules
-from ._atomic import write_then_rename
-from .recipes import diffusion
+from .. import posthoc, schedules
+from .._files.atomic import write_then_rename
+from ..recipes import diffusion
 
 SWEEP = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
 FULL = {"steps": 8000, "snapshot_every": 200, "samples": 2000, "sample_steps": 50, "noise_seeds": 4}

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._model import normalize_name
-from ._peer_schedules import _flag
+from .._engine.model import normalize_name
+from .schedules import _flag
 
 # --------------------------------------------------------------------------- constructor arguments
 

@@ -1,7 +1,7 @@
 """The update's hot path: move every profile of every group toward a bound model.
 
 Owns the per-update work and nothing else: no checks (the binding was validated by
-:mod:`emakit._binding`), no allocation (the storage planned every chunk and scratch), no
+:mod:`emakit._engine.binding`), no allocation (the storage planned every chunk and scratch), no
 host synchronisation (except :func:`all_finite`, which runs only when the non-finite guard
 is on). :func:`note_nonfinite` (``locate_nonfinite=True``) marks on the device the update
 that made an average non-finite. Each group takes one of three paths:
@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels
-from ._binding import Binding
-from ._storage import Storage
+from .. import kernels
+from .binding import Binding
+from .storage import Storage
 
 
 @torch.no_grad()

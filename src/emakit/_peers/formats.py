@@ -1,7 +1,7 @@
 """Other EMA libraries' checkpoint formats: recognising each, and reading its averages and step counter.
 
 Owns the formats and reading files safely (``torch.load(weights_only=True)``, safetensors);
-:mod:`emakit._peer_checkpoints` matches what is read to a model and loads it. No peer is
+:mod:`emakit._peers.checkpoints` matches what is read to a model and loads it. No peer is
 imported: every format is read as plain mappings and lists. What each peer writes (read
 from their sources: diffusers 0.42, ema-pytorch 0.8, torch-ema 0.3, torch 2.13, Lightning
 2.6, timm 1.0):

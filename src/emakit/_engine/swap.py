@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from ._binding import Binding
-from ._model import normalize_name
-from ._storage import Group, Storage
+from .. import distributed
+from .binding import Binding
+from .model import normalize_name
+from .storage import Group, Storage
 
 
 def _swap_pairs(storage: Storage, binding: Binding) -> list[tuple[Tensor, Group, int, bool]]:

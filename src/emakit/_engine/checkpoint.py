@@ -5,7 +5,7 @@ the averages by name per profile and the copies), its checks, and reading tensor
 the storage. Every check runs before anything is written, so a rejected checkpoint leaves
 the average as it was.
 
-:class:`Checkpointing` is a mixin of :class:`emakit._averager._Averager`. It uses the
+:class:`Checkpointing` is a mixin of :class:`emakit._engine.averager._Averager`. It uses the
 host's ``_owner``, ``_format``, ``_storage``, ``_num_profiles``, ``_buffers_mode``, ``_spec``,
 ``_slots``, ``t``, ``num_updates``, ``num_skipped``, ``_assert_not_swapped`` and ``_promote``
 (a checkpoint that averages a parameter that is frozen here makes it averaged from then on),
@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dcp, distributed
-from ._storage import Storage
-from ._time import check_time
+from .. import distributed
+from .._files import dcp as _dcp
+from .clock import check_time
+from .storage import Storage
 
 STATE_VERSION = 1
 
@@ -228,7 +229,7 @@ class Checkpointing:
         ``dcp.save`` or emakit 0.1, are not checked), and format, settings, names and shapes
         against the checkpoint's metadata, before any tensor is read; then each rank reads its
         own parts into staging tensors and copies them into the averages only once all were
-        read: a damaged checkpoint raises :class:`emakit._dcp.CheckpointError` (an
+        read: a damaged checkpoint raises :class:`emakit._files.dcp.CheckpointError` (an
         ``Exception`` naming the path) and leaves the average exactly as it was. Holds a
         second copy of this rank's averages while loading. DCP metadata is pickled: load only
         checkpoints you trust.

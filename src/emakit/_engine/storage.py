@@ -8,8 +8,8 @@ kernels, and one scratch buffer per (dtype, device) shared by the groups.
 
 It reads the model's tensors only at construction (their initial values, shapes and
 layouts). It never keeps a reference to the model, never reads time or schedules, and never
-touches files: binding to a model is :mod:`emakit._binding`, the update is
-:mod:`emakit._update`, checkpoints are :mod:`emakit._checkpoint`.
+touches files: binding to a model is :mod:`emakit._engine.binding`, the update is
+:mod:`emakit._engine.update`, checkpoints are :mod:`emakit._engine.checkpoint`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import distributed, kernels
-from ._model import Slot, default_average_dtype, is_float
+from .. import distributed, kernels
+from .model import Slot, default_average_dtype, is_float
 
 BUFFER_MODES = ("average", "copy")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._atomic import write_then_rename
+from .._files.atomic import write_then_rename
 
 #: The golden ratio's conjugate: each step of a golden-section search keeps this fraction.
 _PHI = (math.sqrt(5) - 1) / 2
@@ -173,7 +173,7 @@ def plot_sweep(path: Path, result: SweepResult) -> None:
 
 def check_grid(values: Sequence[float] | float) -> list[float]:
     """``sigma_rel`` values for a sweep: a non-empty list of distinct numbers in ``(0, 0.2887)``."""
-    from .schedules import SIGMA_REL_MAX
+    from ..schedules import SIGMA_REL_MAX
 
     grid = [values] if isinstance(values, (int, float)) else list(values)
     if not grid:

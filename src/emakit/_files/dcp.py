@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import distributed
-from ._atomic import _disk_full, fsync_dir, reclaim_stale, temporary_name, umask_mode
+from .. import distributed
+from .atomic import _disk_full, fsync_dir, reclaim_stale, temporary_name, umask_mode
 
 __all__ = [
     "CHECKSUMS",

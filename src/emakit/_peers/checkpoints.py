@@ -1,6 +1,6 @@
 """``emakit.migrate.load``: another EMA library's checkpoint into an emakit ``EMA``.
 
-Reads the checkpoint with :mod:`emakit._peer_formats`, matches positional lists to the
+Reads the checkpoint with :mod:`emakit._peers.formats`, matches positional lists to the
 model's parameters, completes parameters-only formats with the model's buffers, and hands
 the result to ``EMA.load_averaged_state_dict``, which checks shapes and time before writing.
 Positional lists (diffusers, torch-ema) are matched to ``model.parameters()`` or to the
@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ._model import key_mismatch_message, normalize_name
-from ._peer_formats import _FORMATS, _WHERE, SOURCES, _describe, _detect, _Found, _open, _preview
+from .._engine.model import key_mismatch_message, normalize_name
+from .formats import _FORMATS, _WHERE, SOURCES, _describe, _detect, _Found, _open, _preview
 
 __all__ = ["SOURCES", "key_mismatch_message", "load"]
 

@@ -91,7 +91,7 @@ class SnapshotInfo:
     sharded: bool = False  # a directory written by several ranks (``.shards``, or DCP's ``.dcp``)
     flat: tuple[str, ...] = ()  # names stored flattened (DeepSpeed ZeRO-3), reshaped on reading
     checksums: Mapping[str, str] | None = None  # key -> CRC-32 (hex) of its bytes; None in older files
-    encoding: str = "fp32"  # "fp32": plain tensors (also fp16/bf16 ones); "compact": see emakit._encoding
+    encoding: str = "fp32"  # "fp32": plain tensors (also fp16/bf16 ones); "compact": see emakit._files.compact
     reference: float | None = None  # compact delta snapshot: the t of the snapshot it is relative to
     scales: Mapping[str, float] | None = None  # compact delta snapshot: avg key -> its delta's scale
 
@@ -272,7 +272,7 @@ def _check_header_values(
     match = pattern.match(path.name) if pattern is not None else None
     if match is not None and float(match["t"]) != t:
         raise SnapshotError(f"{path}: the header says t={t:g}, the file name t={float(match['t']):g}")
-    from .schedules import SIGMA_REL_MAX, sigma_rel_to_gamma
+    from ..schedules import SIGMA_REL_MAX, sigma_rel_to_gamma
 
     for s, g in zip(sigma_rels, gammas):
         if not (math.isfinite(s) and 0 < s < SIGMA_REL_MAX and math.isfinite(g)):

@@ -1,9 +1,9 @@
 """The averager: ``K`` averages of a model's weights, orchestrating the modules that do the work.
 
-An ``_Averager`` checks its arguments, decides what is averaged (:mod:`emakit._storage`),
-allocates the storage, binds models to it (:mod:`emakit._binding`), moves time and runs the
-update (:mod:`emakit._time`, :mod:`emakit._update`), puts the averages to use
-(:mod:`emakit._swap`) and saves and loads itself (:mod:`emakit._checkpoint`). It knows
+An ``_Averager`` checks its arguments, decides what is averaged (:mod:`emakit._engine.storage`),
+allocates the storage, binds models to it (:mod:`emakit._engine.binding`), moves time and runs the
+update (:mod:`emakit._engine.clock`, :mod:`emakit._engine.update`), puts the averages to use
+(:mod:`emakit._engine.swap`) and saves and loads itself (:mod:`emakit._engine.checkpoint`). It knows
 nothing about schedules beyond calling them: the public classes (``EMA``, ``PowerEMA``)
 supply them and name what users see.
 
@@ -26,12 +26,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from . import _module_view, _swap, _update, distributed
-from ._binding import Binder, Binding
-from ._checkpoint import Checkpointing
-from ._model import model_slots
-from ._storage import BUFFER_MODES, Group, Storage, default_placement, plan
-from ._time import check_decay, next_time
+from .. import distributed
+from . import module_view as _module_view
+from . import swap as _swap
+from . import update as _update
+from .binding import Binder, Binding
+from .checkpoint import Checkpointing
+from .clock import check_decay, next_time
+from .model import model_slots
+from .storage import BUFFER_MODES, Group, Storage, default_placement, plan
 
 
 class NonFiniteError(ValueError):

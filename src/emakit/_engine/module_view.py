@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._model import normalize_name
-from ._storage import Storage
+from .model import normalize_name
+from .storage import Storage
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from . import schedules
+from .. import schedules
 
 # --------------------------------------------------------------------------- argument checks
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import distributed
-from ._snapshot_header import _DCP_INFO, SnapshotError, checksum, dtype_name, parse_dtype
+from .. import distributed
+from .header import _DCP_INFO, SnapshotError, checksum, dtype_name, parse_dtype
 
 __all__ = ["INDEX", "Parts", "writers"]
 

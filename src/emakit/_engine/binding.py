@@ -8,7 +8,7 @@ re-checks it with data pointers only, and rebuilds (so re-validates) it when the
 tensors were re-allocated, moved or cast.
 
 It reads the model and never writes to it, nor to the averages (the update is
-:mod:`emakit._update`, swaps are :mod:`emakit._swap`).
+:mod:`emakit._engine.update`, swaps are :mod:`emakit._engine.swap`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from . import distributed, kernels
-from ._model import Slot, model_slots
-from ._storage import Group, Storage
+from .. import distributed, kernels
+from .model import Slot, model_slots
+from .storage import Group, Storage
 
 
 @dataclass

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import _dcp, distributed
-from ._model import normalize_name
-from .snapshots import dcp_tensor_table, open_tensors, parse_dtype, shard_parts
+from .. import distributed
+from .._engine.model import normalize_name
+from .._files import dcp as _dcp
+from ..snapshots import dcp_tensor_table, open_tensors, parse_dtype, shard_parts
 
 
 def _layout_of(value: Tensor) -> distributed.Layout | None:
