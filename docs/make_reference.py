@@ -24,8 +24,16 @@ MODULES = ["emakit", "schedules", "posthoc", "planning", "snapshots", "migrate",
 
 
 def _tree(module: str) -> ast.Module:
-    path = PACKAGE / ("__init__.py" if module == "emakit" else f"{module}.py")
+    """The source of ``module`` (dotted, relative to emakit: ``"posthoc"``, ``"_engine.options"``)."""
+    path = PACKAGE / ("__init__.py" if module == "emakit" else module.replace(".", "/") + ".py")
     return ast.parse(path.read_text())
+
+
+def _resolve(module: str, level: int, name: str | None) -> str:
+    """The module a relative ``from <dots><name> import`` in ``module`` names (dotted, relative to emakit)."""
+    package = [] if module == "emakit" else module.split(".")[:-1]
+    base = package[: len(package) - (level - 1)]
+    return ".".join([*base, *([name] if name else [])])
 
 
 def public_names(module: str) -> list[str]:
@@ -46,10 +54,10 @@ def _definition(module: str, name: str) -> tuple[str, ast.AST | None]:
             return module, node
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
             return module, node
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and any(a.name == name for a in node.names):
+        if isinstance(node, ast.ImportFrom) and node.level >= 1 and any(a.name == name for a in node.names):
             if node.module is None:
                 return name, None  # a submodule (``from . import posthoc``)
-            return _definition(node.module, name)
+            return _definition(_resolve(module, node.level, node.module), name)
     raise ValueError(f"emakit.{module}.{name} is listed in __all__ but not defined")
 
 

@@ -572,3 +572,23 @@ def test_reallocated_parameters_are_noticed():
     assert ema.t == 2
     for k, v in ema.state_dict()["averages"][0].items():
         assert torch.equal(v, before[k]), k
+
+
+def test_the_averager_options_are_said_once_and_documented():
+    """EMA, PowerEMA (and the Lightning callbacks) take the options of one definition; EMA documents each."""
+    import inspect
+
+    from emakit._engine.options import Options
+
+    for cls in (emakit.EMA, emakit.PowerEMA):
+        params = inspect.signature(cls).parameters
+        for name in Options.names():
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (cls, name)
+            assert params[name].default == getattr(Options(), name), (cls, name)
+    doc = inspect.getdoc(emakit.EMA)
+    missing = [n for n in Options.names() if f"\n    {n}:" not in doc]
+    assert not missing, f"EMA's docstring does not document {missing}"
+    with pytest.raises(TypeError, match=r"EMA\(\) got unexpected keyword argument\(s\) 'bufers'.*buffers, include"):
+        emakit.EMA(torch.nn.Linear(2, 2), 0.9, bufers="copy")
+    with pytest.raises(ValueError, match=r"PowerEMA: buffers must be one of \('average', 'copy'\), got buffers='x'"):
+        emakit.PowerEMA(torch.nn.Linear(2, 2), buffers="x")

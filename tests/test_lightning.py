@@ -590,3 +590,17 @@ def test_callback_on_cuda(tmp_path, device):
     for name, value in want.items():
         if value.is_floating_point():
             assert_close(got[name].double().cpu(), value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_callbacks_take_the_averagers_options_from_the_one_definition():
+    import inspect
+
+    from emakit._engine.options import Options
+
+    for cls in (EMACallback, PowerEMACallback):
+        params = inspect.signature(cls).parameters
+        assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in Options.names()), cls
+    with pytest.raises(TypeError, match=r"EMACallback: dtype must be a floating torch.dtype or None, got dtype=torch.int8"):
+        EMACallback(0.9, dtype=torch.int8)  # checked at construction, not when fitting starts
+    with pytest.raises(TypeError, match=r"PowerEMACallback\(\) got unexpected keyword argument\(s\) 'decay'"):
+        PowerEMACallback(decay=0.9)

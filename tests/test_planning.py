@@ -169,7 +169,7 @@ def test_prune_killed_is_finished_by_rerun(run_dir, tmp_path, monkeypatch):
         calls.append(path)
         path.unlink()
 
-    monkeypatch.setattr(planning, "_remove", killed)
+    monkeypatch.setattr("emakit._planning.pruning._remove", killed)
     with pytest.raises(KeyboardInterrupt):
         planning.prune(d, sigma_rel=(0.05, 0.15), max_fit_error=1e-3)
     journal = json.loads((d / planning.JOURNAL).read_text())
@@ -365,7 +365,7 @@ def test_a_prune_killed_after_rewriting_finishes_on_the_next_call(tmp_path, monk
             raise KeyboardInterrupt  # killed between two deletions, after every rewrite
         path.unlink()
 
-    monkeypatch.setattr(planning, "_remove", killed)
+    monkeypatch.setattr("emakit._planning.pruning._remove", killed)
     with pytest.raises(KeyboardInterrupt):
         planning.prune(tmp_path, sigma_rel=(0.05, 0.15), max_fit_error=1e-3)
     monkeypatch.undo()

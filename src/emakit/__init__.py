@@ -15,7 +15,7 @@ reconstruction of any EMA length, at memory-bandwidth speed::
 """
 
 from . import posthoc, schedules
-from ._engine.averager import NonFiniteError
+from ._engine.nonfinite import NonFiniteError
 from .contiguous import contiguous_parameters_
 from .ema import EMA
 from .power import PowerEMA

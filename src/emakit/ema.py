@@ -12,10 +12,12 @@ from . import schedules
 from ._engine.averager import _Averager, outside_compiled_graphs
 from ._engine.clock import check_decay, check_time
 from ._engine.model import key_mismatch_message, normalize_name
+from ._engine.options import Options, takes_options
 
 __all__ = ["EMA"]
 
 
+@takes_options
 class EMA(_Averager):
     """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * weights``.
 
@@ -74,14 +76,9 @@ class EMA(_Averager):
         decay: float | None = None,
         *,
         schedule: Callable[[float, float], float] | None = None,
-        buffers: str = "average",
-        include: Callable[[str], bool] | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        skip_nonfinite: bool = False,
-        locate_nonfinite: bool = False,
-        shard: Any = False,
+        **options: Any,
     ) -> None:
+        options = Options.parse("EMA", options)
         if decay is not None and schedule is not None:
             raise ValueError(f"EMA: give decay or schedule, not both; got decay={decay}, schedule={schedule!r}")
         if decay is None and schedule is None:
@@ -90,17 +87,7 @@ class EMA(_Averager):
             schedule = schedules.constant(decay)
         if not callable(schedule):
             raise TypeError(f"EMA: schedule must be callable f(t, dt) -> decay, got {schedule!r}")
-        super().__init__(
-            model,
-            [schedule],
-            buffers=buffers,
-            include=include,
-            dtype=dtype,
-            device=device,
-            skip_nonfinite=skip_nonfinite,
-            locate_nonfinite=locate_nonfinite,
-            shard=shard,
-        )
+        super().__init__(model, [schedule], options)
 
     @property
     def schedule(self) -> Callable[[float, float], float]:

@@ -13,6 +13,8 @@ weight is read: the relative profile error ``||p x - p_r||**2 / ||p_r||**2``.
     sol = posthoc.solve_coefficients(snaps, sigma_rel=0.08)
     print(sol.fit_error, sol.noise_gain)
     sd = posthoc.reconstruct("run/phema", sigma_rel=0.08)       # a model state dict
+
+From ordinary checkpoints: :func:`average_checkpoints` and :func:`sweep_checkpoints` (docs/average.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ import torch
 from torch import Tensor
 
 from . import schedules
-from ._posthoc.profiles import _exponential_norm, exponential_inner, power_inner
+from ._posthoc.average import Averaged, average_checkpoints, save_average
+from ._posthoc.profiles import exponential_inner, power_inner
+from ._posthoc.raw_files import CheckpointSourceError
+from ._posthoc.raw_sweep import sweep_checkpoints
+from ._posthoc.solve import _normal_equations, _target
+from ._posthoc.stream import _out_dtype, _progress, _read_extras, _weighted_sums
 from ._posthoc.sweep import SweepResult, as_metrics, check_grid, golden_section, write_report
 from .snapshots import (
     SnapshotError,
@@ -54,6 +61,11 @@ __all__ = [
     "sweep",
     "SweepResult",
     "DEFAULT_SWEEP",
+    "average_checkpoints",
+    "save_average",
+    "Averaged",
+    "sweep_checkpoints",
+    "CheckpointSourceError",
 ]
 
 #: Relative profile error above which a request is reported as poorly supported.
@@ -127,29 +139,6 @@ class Solution:
     noise_gain: float
 
 
-def _target(sigma_rel, gamma, decay, halflife) -> tuple[str, float | None, float | None]:
-    """(label, gamma, rate) of the requested target; exactly one way of stating it."""
-    given = {
-        k: v
-        for k, v in (("sigma_rel", sigma_rel), ("gamma", gamma), ("decay", decay), ("halflife", halflife))
-        if v is not None
-    }
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of sigma_rel, gamma, decay or halflife, got {given or 'none'}")
-    ((key, value),) = given.items()
-    if key == "sigma_rel":
-        return f"sigma_rel={value:g}", schedules.sigma_rel_to_gamma(value), None
-    if key == "gamma":
-        return f"gamma={value:g}", schedules.power(gamma=value).gamma, None
-    if key == "decay":
-        if not 0 < value < 1:
-            raise ValueError(f"decay must be in (0, 1), got decay={value}")
-        return f"decay={value:g}", None, -math.log(value)
-    if not value > 0:
-        raise ValueError(f"halflife must be > 0, got halflife={value}")
-    return f"halflife={value:g}", None, math.log(2) / value
-
-
 def solve_coefficients(
     snaps: str | os.PathLike | Iterable[SnapshotInfo],
     sigma_rel: float | None = None,
@@ -193,26 +182,6 @@ def solve_coefficients(
     if warn:
         _warn_if_poor(solution, target_gamma)
     return solution
-
-
-def _normal_equations(
-    used: Sequence[SnapshotInfo], t: float, target_gamma: float | None, rate: float | None
-) -> tuple[Tensor, Tensor, float]:
-    """``(A, b, <p_r, p_r>)`` in float64, with time in units of ``t`` (well scaled at any run length)."""
-    t_i, g_i = [], []
-    for s in used:
-        for g in s.gammas:
-            t_i.append(s.t / t)
-            g_i.append(g)
-    t_i = torch.tensor(t_i, dtype=torch.float64)
-    g_i = torch.tensor(g_i, dtype=torch.float64)
-    a = power_inner(t_i[:, None], g_i[:, None], t_i[None, :], g_i[None, :])
-    if target_gamma is not None:
-        one = torch.ones((), dtype=torch.float64)
-        gr = torch.tensor(target_gamma, dtype=torch.float64)
-        return a, power_inner(t_i, g_i, one, gr), float(power_inner(one, gr, one, gr))
-    rate_u = rate * t
-    return a, exponential_inner(t_i, g_i, 1.0, rate_u), _exponential_norm(1.0, rate_u)
 
 
 def _warn_if_poor(solution: Solution, target_gamma: float | None) -> None:
@@ -306,28 +275,11 @@ def reconstruct(
     latest = used[-1]
     for info in used:
         require_trust(info, trust)  # before anything is read
-    if like is not None:
-        from ._posthoc.shard_reader import ShardReader
-
-        reader_for = ShardReader.factory(like, latest)
-    else:
-
-        def reader_for(info, order):
-            return open_tensors(info, order, trust=trust)
-
+    reader_for = _reader_factory(like, latest, trust)
     bar = _progress(len(used) * len(latest.averaged) * max(s.num_profiles for s in used), progress)
     try:
         sums = _weighted_sums(solutions, reader_for, bar, accumulate)
-        extras: dict[str, Tensor] = {}
-        order = [f"copy/{n}" for n in latest.copied] + [f"static/{n}" for n in latest.static]
-        reader = reader_for(latest, order)
-        try:
-            for key in order:
-                extras[key.split("/", 1)[1]] = reader.get(key)
-        except Exception as e:
-            raise SnapshotError(f"{latest.path}: could not read the snapshot data (truncated or corrupted?): {e}") from e
-        finally:
-            reader.close()
+        extras = _read_extras(latest, reader_for)
     finally:
         bar.close()
         clear_decoded_cache()  # decoded compact snapshots are not kept past the reconstruction
@@ -335,57 +287,17 @@ def reconstruct(
     return results if many else results[0]
 
 
-def _weighted_sums(
-    solutions: Sequence[Solution], reader_for, bar, accumulate: torch.dtype = torch.float32
-) -> list[dict[str, Tensor]]:
-    """``sum_i x_i * snapshot_i`` for every solution, reading each snapshot file once, tensor by tensor."""
-    used = solutions[0].snapshots
-    # Accumulate in fp32 at least (snapshots may be fp16/bf16), cast at the end.
-    if not (isinstance(accumulate, torch.dtype) and accumulate.is_floating_point):
-        raise ValueError(f"reconstruct: accumulate must be a floating torch.dtype, got accumulate={accumulate!r}")
-    acc_dtype = torch.promote_types(torch.promote_types(torch.float32, accumulate), used[-1].dtype)
-    sums: list[dict[str, Tensor]] = [{} for _ in solutions]
-    names = used[-1].averaged
-    for i, info in enumerate(used):
-        items = [(j, name) for j in range(info.num_profiles) for name in names]
-        order = [_average_key(info, j, name) for j, name in items]
-        reader = reader_for(info, list(dict.fromkeys(order)))
-        try:
-            values: dict[str, Tensor] = {}
-            for (j, name), key in zip(items, order):
-                x = values[key] if key in values else reader.get(key).to(acc_dtype)
-                # A sum is NaN/Inf when an element is (30x faster than isfinite); an overflowing sum is confirmed.
-                if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-                    raise SnapshotError(f"{info.path}: tensor {key!r} holds NaN or Inf; it cannot be averaged")
-                if key.startswith("static/"):
-                    values[key] = x  # a parameter frozen at that time: its value is every profile's average
-                for sol, acc in zip(solutions, sums):
-                    w = sol.weights[i][j]
-                    if name in acc:
-                        acc[name].add_(x, alpha=w)
-                    else:
-                        acc[name] = x * w
-                bar.update(1)
-        except SnapshotError:
-            raise
-        except Exception as e:
-            raise SnapshotError(f"{info.path}: could not read the snapshot data (truncated or corrupted?): {e}") from e
-        finally:
-            reader.close()
-    return sums
+def _reader_factory(like: Mapping[str, Tensor] | None, latest: SnapshotInfo, trust: bool):
+    """``reader_for(info, order)``: this rank's parts in ``like``'s layout, or (no ``like``) the whole tensors."""
+    if like is not None:
+        from ._posthoc.shard_reader import ShardReader
 
+        return ShardReader.factory(like, latest)
 
-def _average_key(info: SnapshotInfo, j: int, name: str) -> str:
-    """Where snapshot ``info`` holds profile ``j``'s average of ``name``."""
-    if name in info.averaged:
-        return f"avg.{j}/{name}"
-    if name in info.static:
-        return f"static/{name}"
-    raise SnapshotError(
-        f"{info.path}: holds no average of {name!r}, which later snapshots average (it was frozen at "
-        f"t={info.t:g} and saved with static=False); reconstruct at a t whose snapshots all average it, or "
-        f"save snapshots with static=True"
-    )
+    def reader_for(info, order):
+        return open_tensors(info, order, trust=trust)
+
+    return reader_for
 
 
 def _state_dict(
@@ -411,37 +323,6 @@ def _state_dict(
         if primary in values:
             ordered[key] = values[primary]
     return ordered
-
-
-def _out_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
-    if dtype == "model":
-        return None
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-            raise ValueError(f"dtype must be 'model' or a floating dtype name such as 'float32', got {dtype!r}")
-        return resolved
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    raise ValueError(f"dtype must be 'model' or a floating torch.dtype, got {dtype!r}")
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="reconstruct", unit="tensor", leave=False)
 
 
 # --------------------------------------------------------------------------- sweep
@@ -491,15 +372,36 @@ def sweep(
         result = posthoc.sweep("run/phema", evaluate=fid, model=model, out="run/sweep")
         model.load_state_dict(posthoc.reconstruct("run/phema", sigma_rel=result.best["sigma_rel"]))
     """
-    if not callable(evaluate):
-        raise TypeError(f"sweep: evaluate must be callable evaluate(model) -> float | dict, got {evaluate!r}")
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"sweep: model must be a torch.nn.Module, got {type(model).__name__}")
-    grid = check_grid(sigma_rel)
+    grid = _check_sweep(evaluate, model, sigma_rel)
     infos = _as_infos(snaps)
     backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
     scored: dict[float, dict] = {}
     names: list[str] = []
+    score_batch = _scorer(infos, evaluate, model, metric, t, trust, scored, names)
+    try:
+        if search:
+            _search(infos, grid, t, score_batch, scored, max_evaluations, lower_is_better)
+        else:
+            _score_grid(infos, grid, score_batch, max_memory)
+    finally:
+        model.load_state_dict(backup)
+    result = SweepResult.collect(scored, names, lower_is_better, references)
+    if out is not None:
+        write_report(Path(out), result, plot=plot)
+    return result
+
+
+def _check_sweep(evaluate, model, sigma_rel) -> list[float]:
+    """The ``sigma_rel`` grid of a sweep, once ``evaluate`` and ``model`` are checked."""
+    if not callable(evaluate):
+        raise TypeError(f"sweep: evaluate must be callable evaluate(model) -> float | dict, got {evaluate!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"sweep: model must be a torch.nn.Module, got {type(model).__name__}")
+    return check_grid(sigma_rel)
+
+
+def _scorer(infos, evaluate, model, metric, t, trust, scored: dict[float, dict], names: list[str]):
+    """``score_batch(values)``: reconstruct those lengths, score each in ``model``, record its row in ``scored``."""
 
     def score_batch(values: list[float]) -> None:
         with warnings.catch_warnings():  # the table reports each fit error (and "reliable") instead
@@ -515,26 +417,15 @@ def sweep(
                 "noise_gain": sol.noise_gain, "metrics": metrics, "metric": metrics[name],
             }  # fmt: skip
 
-    try:
-        if search:
-            _search(infos, grid, t, score_batch, scored, max_evaluations, lower_is_better)
-        else:
-            per_output = 4 * sum(math.prod(infos[-1].shapes[n]) for n in infos[-1].averaged)
-            batch = max(1, int(max_memory // max(per_output, 1)))
-            for i in range(0, len(grid), batch):
-                score_batch(grid[i : i + batch])
-    finally:
-        model.load_state_dict(backup)
-    result = SweepResult(
-        rows=tuple(scored[s] for s in sorted(scored)),
-        metric_name=names[0],
-        lower_is_better=lower_is_better,
-        evaluations=len(scored),
-        references=dict(references or {}),
-    )
-    if out is not None:
-        write_report(Path(out), result, plot=plot)
-    return result
+    return score_batch
+
+
+def _score_grid(infos, grid, score_batch, max_memory: int) -> None:
+    """Every length of the grid, in batches of as many reconstructions as fit in ``max_memory`` bytes."""
+    per_output = 4 * sum(math.prod(infos[-1].shapes[n]) for n in infos[-1].averaged)
+    batch = max(1, int(max_memory // max(per_output, 1)))
+    for i in range(0, len(grid), batch):
+        score_batch(grid[i : i + batch])
 
 
 def _search(infos, grid, t, score_batch, scored, max_evaluations, lower_is_better) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,14 @@ from torch import Tensor, nn
 from . import distributed, schedules, snapshots
 from ._engine.averager import _Averager, outside_compiled_graphs
 from ._engine.model import normalize_name
+from ._engine.options import Options, takes_options
 
 __all__ = ["PowerEMA"]
 
 _SNAPSHOT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+@takes_options
 class PowerEMA(_Averager):
     """Power-function EMAs (Karras et al., EDM2) of a model, for post-hoc EMA reconstruction.
 
@@ -61,14 +63,9 @@ class PowerEMA(_Averager):
         sigma_rels: Sequence[float] | None = None,
         *,
         gammas: Sequence[float] | None = None,
-        buffers: str = "average",
-        include: Callable[[str], bool] | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        skip_nonfinite: bool = False,
-        locate_nonfinite: bool = False,
-        shard: Any = False,
+        **options: Any,
     ) -> None:
+        options = Options.parse("PowerEMA", options)
         if sigma_rels is not None and gammas is not None:
             raise ValueError(
                 f"PowerEMA: give sigma_rels or gammas, not both; got sigma_rels={sigma_rels}, gammas={gammas}"
@@ -86,17 +83,7 @@ class PowerEMA(_Averager):
             profiles = [schedules.power(gamma=g) for g in values]
         if len({p.gamma for p in profiles}) != len(profiles):
             raise ValueError(f"PowerEMA: {label} must be distinct, got {label}={list(values)}")
-        super().__init__(
-            model,
-            profiles,
-            buffers=buffers,
-            include=include,
-            dtype=dtype,
-            device=device,
-            skip_nonfinite=skip_nonfinite,
-            locate_nonfinite=locate_nonfinite,
-            shard=shard,
-        )
+        super().__init__(model, profiles, options)
 
     @property
     def gammas(self) -> tuple[float, ...]:
@@ -216,22 +203,7 @@ class PowerEMA(_Averager):
         """
         self._assert_not_swapped("save_snapshot")
         self._check_finite("save_snapshot", collective=self.is_sharded)
-        if dtype not in _SNAPSHOT_DTYPES:
-            raise ValueError(f"PowerEMA.save_snapshot: dtype must be one of {_SNAPSHOT_DTYPES}, got dtype={dtype!r}")
-        if self.t <= 0:
-            raise ValueError("PowerEMA.save_snapshot: nothing to save at t=0; call update() first")
-        if encoding not in snapshots.ENCODINGS:
-            raise ValueError(
-                f"PowerEMA.save_snapshot: encoding must be one of {snapshots.ENCODINGS}, got encoding={encoding!r}"
-            )
-        if encoding == "compact" and dtype != torch.float32:
-            raise ValueError(f"PowerEMA.save_snapshot: encoding='compact' stores float32 values, got dtype={dtype}")
-        if dtype in (torch.float16, torch.bfloat16):
-            warnings.warn(
-                f"PowerEMA.save_snapshot: storing snapshots as {dtype} amplifies post-hoc reconstruction "
-                f"error (the solve combines snapshots with large coefficients); float32 is the default",
-                stacklevel=2,
-            )
+        self._check_snapshot_args(dtype, encoding)
         common = self._snapshot_fields(dtype, static)
         storage = self._storage
         if storage.is_sharded or any(distributed.is_dtensor(v) for v in common["static"].values()):
@@ -253,6 +225,25 @@ class PowerEMA(_Averager):
         if encoding == "compact":
             chain = self.__dict__.setdefault("_delta_chain", snapshots.DeltaChain())  # never in state_dict
         return snapshots.write_snapshot(directory, averages=averages, chain=chain, **common)
+
+    def _check_snapshot_args(self, dtype: torch.dtype, encoding: str) -> None:
+        """Refuse a snapshot that cannot be saved; warn for fp16/bf16 (at save_snapshot's caller)."""
+        if dtype not in _SNAPSHOT_DTYPES:
+            raise ValueError(f"PowerEMA.save_snapshot: dtype must be one of {_SNAPSHOT_DTYPES}, got dtype={dtype!r}")
+        if self.t <= 0:
+            raise ValueError("PowerEMA.save_snapshot: nothing to save at t=0; call update() first")
+        if encoding not in snapshots.ENCODINGS:
+            raise ValueError(
+                f"PowerEMA.save_snapshot: encoding must be one of {snapshots.ENCODINGS}, got encoding={encoding!r}"
+            )
+        if encoding == "compact" and dtype != torch.float32:
+            raise ValueError(f"PowerEMA.save_snapshot: encoding='compact' stores float32 values, got dtype={dtype}")
+        if dtype in (torch.float16, torch.bfloat16):
+            warnings.warn(
+                f"PowerEMA.save_snapshot: storing snapshots as {dtype} amplifies post-hoc reconstruction "
+                f"error (the solve combines snapshots with large coefficients); float32 is the default",
+                stacklevel=3,
+            )
 
     def _snapshot_fields(self, dtype: torch.dtype, static: bool) -> dict[str, Any]:
         """Everything a snapshot holds besides the averages."""

@@ -20,11 +20,9 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .. import distributed
 from . import module_view as _module_view
@@ -33,55 +31,36 @@ from . import update as _update
 from .binding import Binder, Binding
 from .checkpoint import Checkpointing
 from .clock import check_decay, next_time
+from .frozen import FrozenParameters
 from .model import model_slots
-from .storage import BUFFER_MODES, Group, Storage, default_placement, plan
+from .nonfinite import NonFiniteChecks
+from .options import Options
+from .storage import Group, Storage, default_placement, plan
 
 
-class NonFiniteError(ValueError):
-    """An average holds NaN or Inf: a non-finite weight entered it (see ``skip_nonfinite``)."""
-
-
-class _Averager(Checkpointing):
+class _Averager(Checkpointing, FrozenParameters, NonFiniteChecks):
     """``K`` averages of a model's tensors. Subclasses supply the update coefficients."""
 
     #: ``state_dict()["format"]`` of the subclass.
     _format = "emakit.averager"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        schedules: list[Callable[[float, float], float]],
-        *,
-        buffers: str = "average",
-        include: Callable[[str], bool] | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        skip_nonfinite: bool = False,
-        locate_nonfinite: bool = False,
-        shard: Any = False,
-    ) -> None:
+    def __init__(self, model: nn.Module, schedules: list[Callable[[float, float], float]], options: Options) -> None:
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
-        if buffers not in BUFFER_MODES:
-            raise ValueError(f"{owner}: buffers must be one of {BUFFER_MODES}, got buffers={buffers!r}")
-        if include is not None and not callable(include):
-            raise TypeError(f"{owner}: include must be a callable name -> bool, got {include!r}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"{owner}: dtype must be a floating torch.dtype or None, got dtype={dtype!r}")
         distributed.check_model(owner, model)
-        rows_mesh = distributed.default_mesh(owner, shard)
+        rows_mesh = distributed.default_mesh(owner, options.shard)
         self._owner = owner
         self._model = model
-        self._buffers_mode = buffers
-        self._dtype = dtype
-        self._device = torch.device(device) if device is not None else None
+        self._buffers_mode = options.buffers
+        self._dtype = options.dtype
+        self._device = torch.device(options.device) if options.device is not None else None
         self._rows_mesh = rows_mesh
         self._swapped = False
 
         distributed.reshard(model)  # FSDP2: the sharded parameters are the ones registered
         self._slots, self._aliases = model_slots(model)
-        self._spec, tensors = plan(owner, self._slots, include, buffers)
+        self._spec, tensors = plan(owner, self._slots, options.include, options.buffers)
         self._num_profiles = len(schedules)
         self._set_storage(
             Storage(
@@ -90,15 +69,15 @@ class _Averager(Checkpointing):
                 tensors,
                 self._is_param,
                 self._num_profiles,
-                placement=default_placement(dtype, self._device),
+                placement=default_placement(self._dtype, self._device),
                 copies_device=lambda name, t: self._device or t.device,
                 rows_mesh=rows_mesh,
             )
         )
         self._schedules = list(schedules)
-        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skip_nonfinite = bool(options.skip_nonfinite)
         #: Mark on the device, per update, the first update that made an average non-finite.
-        self.locate_nonfinite = bool(locate_nonfinite)
+        self.locate_nonfinite = bool(options.locate_nonfinite)
         self._nonfinite_marks: dict[torch.device, Tensor] = {}
         #: Time of the last update, in the caller's unit (0 at construction).
         self.t: float = 0
@@ -121,41 +100,6 @@ class _Averager(Checkpointing):
         # Frozen parameters: averaged from the moment they are trainable (see _watch_frozen).
         self._frozen = [(n, self._slots[n].table, self._slots[n].attr) for n in self._spec.frozen]
         self._watch_frozen()
-
-    def _watch_frozen(self) -> None:
-        """Look for frozen parameters that became trainable just before every optimizer step.
-
-        A parameter unfrozen in the training loop is stepped by the optimizer before the next
-        ``update()``; its average so far is its value *before* that step (the average of a
-        constant is that constant), so it must be taken then: a step pre-hook of every
-        ``torch.optim`` optimizer does it, one attribute read per frozen parameter and no
-        host synchronisation. ``update()`` checks too when no optimizer step ran since the
-        last update (other optimizers, hand-written steps): then the average starts from the
-        value the parameter has at that update. The hook is removed once nothing is frozen
-        or when this object is garbage collected.
-        """
-        self._checked_frozen = False
-        hook = getattr(self, "_frozen_hook", None)
-        if self._frozen and hook is None:
-            ref = weakref.ref(self)
-
-            def before_step(optimizer, args, kwargs) -> None:
-                averager = ref()
-                if averager is not None:
-                    averager._promote_unfrozen()
-                    averager._checked_frozen = True
-
-            handle = register_optimizer_step_pre_hook(before_step)
-            self._frozen_hook = weakref.finalize(self, handle.remove)
-        elif not self._frozen and hook is not None:
-            hook()  # removes the hook
-            self._frozen_hook = None
-
-    def _promote_unfrozen(self) -> None:
-        for _, table, attr in self._frozen:
-            if table[attr].requires_grad:
-                self._promote([n for n, tbl, a in self._frozen if tbl[a].requires_grad])
-                return
 
     # ------------------------------------------------------------------ the update
 
@@ -183,22 +127,6 @@ class _Averager(Checkpointing):
                 _update.note_nonfinite(self._storage, self._nonfinite_marks, self.num_updates, new_t)
         self.t = new_t
         return decays
-
-    def _promote(self, names: list[str]) -> None:
-        """Average ``names`` from now on: frozen parameters that became trainable.
-
-        Every profile starts at the parameter's current value, which is exactly its average so
-        far: the average of a constant is that constant.
-        """
-        if not names:
-            return
-        tensors = {n: self._slots[n].get() for n in names}
-        self._storage.add(names, tensors, self._is_param, default_placement(self._dtype, self._device))
-        for n in names:
-            self._spec.live.remove(n)
-            self._spec.frozen.remove(n)
-            self._spec.average.append(n)
-        self._set_storage(self._storage)  # new groups: bindings are made again
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """Move or cast the averages (and copied tensors), like ``nn.Module.to``; returns ``self``.
@@ -260,40 +188,6 @@ class _Averager(Checkpointing):
         return self._storage.is_sharded
 
     # ------------------------------------------------------------------ using the averages
-
-    def _check_finite(self, what: str, collective: bool = False) -> None:
-        """Raise :class:`NonFiniteError` if an average holds NaN or Inf; one host sync per device.
-
-        Runs when the averages are read, swapped, saved or snapshotted, never per update: NaN
-        or Inf that entered an average stays there, so checking at use loses nothing but the
-        exact update, which the error brackets (finite when last checked, non-finite now).
-        ``collective`` (for calls every rank makes: ``save``, sharded snapshots, gathering):
-        with sharded averages every rank raises when any rank's shard is non-finite, so no rank
-        is left waiting in the collective write.
-        """
-        bad = self._storage.first_nonfinite()
-        where = repr(bad)
-        if collective and self._storage.is_sharded and distributed.any_rank(bad is not None) and bad is None:
-            bad, where = "", "a shard held by another rank"
-        if bad is None:
-            self._finite_at = (self.num_updates, self.t)
-            self._nonfinite_marks.clear()  # (a load may have replaced a non-finite average)
-            return
-        located = [tuple(m.tolist()) for m in self._nonfinite_marks.values()]
-        located = min((m for m in located if m[0] >= 0), default=None)
-        if located is not None:
-            when = f"at update {int(located[0])} (t={located[1]:g}; locate_nonfinite=True marked it)"
-        else:
-            updates, t = getattr(self, "_finite_at", (0, 0))
-            when = (
-                f"after update {updates} (t={t:g}, when the averages were last checked and finite) and by update "
-                f"{self.num_updates} (t={self.t:g}; locate_nonfinite=True would name the exact update)"
-            )
-        raise NonFiniteError(
-            f"{self._owner}.{what}: the average of {where} holds NaN or Inf: a non-finite weight entered it "
-            f"{when}. Find the step that made the weights non-finite; resume from a checkpoint (load() / "
-            f"load_state_dict()); skip_nonfinite=True skips such updates instead"
-        )
 
     def _averaged_state_dict(self, k: int, dtype: str, full: bool = False) -> dict[str, Tensor]:
         self._check_finite("averaged_state_dict", collective=full is True)

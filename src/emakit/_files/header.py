@@ -196,31 +196,8 @@ def _parse_info(
         raise SnapshotError(f"{path}: snapshot metadata is inconsistent (t={t}, {len(gammas)} profiles)")
     _check_header_values(path, t, sigma_rels, gammas, dtype, num_updates)
     _check_header_names(path, averaged, copied, static, model_dtypes, state_keys, aliases)
-    checksums = None
-    if "checksums" in meta:
-        try:
-            checksums = dict(json.loads(meta["checksums"]))
-        except (ValueError, TypeError) as e:
-            raise SnapshotError(f"{path}: snapshot checksums are malformed ({e})") from None
-        if set(checksums) != set(keys):
-            raise SnapshotError(f"{path}: snapshot checksums do not cover its tensors (corrupted header?)")
-    expected = {f"avg.{j}/{n}" for j in range(len(gammas)) for n in averaged}
-    expected |= {f"copy/{n}" for n in copied} | {f"static/{n}" for n in static}
-    if expected != set(keys):
-        missing = sorted(expected - set(keys))
-        extra = sorted(set(keys) - expected)
-        raise SnapshotError(
-            f"{path}: tensors do not match the metadata (missing {missing[:3]}, unexpected {extra[:3]})"
-        )
-    encoding = meta.get("encoding", "fp32")
-    if encoding not in ENCODINGS:
-        raise SnapshotError(f"{path}: unknown snapshot encoding {encoding!r}; expected one of {ENCODINGS}")
-    reference = scales = None
-    if encoding == "compact":
-        model_shapes, reference, scales = _compact_fields(path, meta, t)
-        if set(model_shapes) != {k for k in keys if k.startswith("avg.")}:
-            raise SnapshotError(f"{path}: compact snapshot shapes do not cover its averages (corrupted header?)")
-        shapes = {**shapes, **model_shapes}
+    checksums = _check_header_tensors(path, meta, keys, len(gammas), averaged, copied, static)
+    encoding, reference, scales, shapes = _encoding_fields(path, meta, t, keys, shapes)
     named_shapes = {n: shapes[f"avg.0/{n}"] for n in averaged}
     named_shapes.update({n: shapes[f"copy/{n}"] for n in copied})
     named_shapes.update({n: shapes[f"static/{n}"] for n in static})
@@ -244,6 +221,45 @@ def _parse_info(
         reference=reference,
         scales=scales,
     )
+
+
+def _check_header_tensors(
+    path: Path, meta: Mapping[str, str], keys: list[str], profiles: int, averaged: tuple, copied: tuple, static: tuple
+) -> dict | None:
+    """The header's checksums (None without), once they and the metadata's names cover exactly the stored tensors."""
+    checksums = None
+    if "checksums" in meta:
+        try:
+            checksums = dict(json.loads(meta["checksums"]))
+        except (ValueError, TypeError) as e:
+            raise SnapshotError(f"{path}: snapshot checksums are malformed ({e})") from None
+        if set(checksums) != set(keys):
+            raise SnapshotError(f"{path}: snapshot checksums do not cover its tensors (corrupted header?)")
+    expected = {f"avg.{j}/{n}" for j in range(profiles) for n in averaged}
+    expected |= {f"copy/{n}" for n in copied} | {f"static/{n}" for n in static}
+    if expected != set(keys):
+        missing = sorted(expected - set(keys))
+        extra = sorted(set(keys) - expected)
+        raise SnapshotError(
+            f"{path}: tensors do not match the metadata (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    return checksums
+
+
+def _encoding_fields(
+    path: Path, meta: Mapping[str, str], t: float, keys: list[str], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[str, float | None, dict | None, Mapping[str, tuple[int, ...]]]:
+    """``(encoding, reference, scales, shapes)``: a compact snapshot's shapes are its averages' model shapes."""
+    encoding = meta.get("encoding", "fp32")
+    if encoding not in ENCODINGS:
+        raise SnapshotError(f"{path}: unknown snapshot encoding {encoding!r}; expected one of {ENCODINGS}")
+    reference = scales = None
+    if encoding == "compact":
+        model_shapes, reference, scales = _compact_fields(path, meta, t)
+        if set(model_shapes) != {k for k in keys if k.startswith("avg.")}:
+            raise SnapshotError(f"{path}: compact snapshot shapes do not cover its averages (corrupted header?)")
+        shapes = {**shapes, **model_shapes}
+    return encoding, reference, scales, shapes
 
 
 def _check_header_names(

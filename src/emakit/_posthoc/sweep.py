@@ -26,7 +26,8 @@ class SweepResult:
     """A post-hoc sweep: one row per EMA length evaluated, and the best.
 
     Each row holds ``sigma_rel``, ``fit_error`` and ``noise_gain`` (from the solve, known
-    before any weight is read), ``metrics`` (what ``evaluate`` returned, as a dict) and
+    before any weight is read; from raw checkpoints: ``error_estimate`` and
+    ``mass_before_first`` instead, see ``posthoc.sweep_checkpoints``), ``metrics`` (what ``evaluate`` returned, as a dict) and
     ``metric`` (the value that ranks the rows). Rows are sorted by ``sigma_rel``.
     """
 
@@ -35,6 +36,19 @@ class SweepResult:
     lower_is_better: bool
     evaluations: int
     references: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def collect(
+        cls, scored: Mapping[float, dict], names: Sequence[str], lower_is_better: bool, references
+    ) -> SweepResult:
+        """The result of rows scored by ``sigma_rel`` (``names``: the metric each evaluation ranked by)."""
+        return cls(
+            rows=tuple(scored[s] for s in sorted(scored)),
+            metric_name=names[0],
+            lower_is_better=lower_is_better,
+            evaluations=len(scored),
+            references=dict(references or {}),
+        )
 
     @property
     def best(self) -> dict[str, Any]:
@@ -66,12 +80,18 @@ class SweepResult:
             answer += "; against " + ", ".join(gains)
         lines += [answer + f". {self.evaluations} evaluations.", ""]
         names = sorted({k for r in self.rows for k in r["metrics"]})
-        lines += ["| sigma_rel | fit error | noise gain | " + " | ".join(names) + " |"]
+        raw = "fit_error" not in self.rows[0]
+        heads = "| est. error | mass before first |" if raw else "| fit error | noise gain |"
+        lines += ["| sigma_rel " + heads + " " + " | ".join(names) + " |"]
         lines += ["|---:|---:|---:|" + "---:|" * len(names)]
         for r in self.rows:
             mark = " (best)" if r is best else ""
             cells = " | ".join(f"{r['metrics'][n]:.4g}" if n in r["metrics"] else "" for n in names)
-            lines += [f"| {r['sigma_rel']:.4g}{mark} | {r['fit_error']:.1e} | {r['noise_gain']:.2f} | {cells} |"]
+            quality = (
+                f"{r['error_estimate']:.2e} | {r['mass_before_first']:.2g}" if raw
+                else f"{r['fit_error']:.1e} | {r['noise_gain']:.2f}"
+            )  # fmt: skip
+            lines += [f"| {r['sigma_rel']:.4g}{mark} | {quality} | {cells} |"]
         return "\n".join(lines) + "\n"
 
 

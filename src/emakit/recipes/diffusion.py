@@ -36,13 +36,8 @@ Needs the ``demo`` extra: ``pip install -c constraints.txt 'emakit[demo]'``.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
-import math
 import os
-import re
-import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +49,20 @@ from torch import nn
 
 import emakit
 from emakit import schedules, snapshots
+
+# The recipe's pieces, each in its own module next to this one (and importable from here too):
+# the model and sampler, the data, and the run directory's files.
+from emakit.recipes.diffusion_model import Denoiser, alpha_bars, sample, timestep_embedding  # noqa: F401
+from emakit.recipes.digits import load_digits_tensor
+from emakit.recipes.run_dir import (
+    _HOST,  # noqa: F401 (re-exported, like sample and timestep_embedding)
+    _describe,
+    _remove,
+    cut_log,
+    remove_stale_temporaries,
+    run_files,
+    save_atomic,
+)
 
 # --------------------------------------------------------------------------- config
 
@@ -138,287 +147,6 @@ def _parse(text: str, current: Any, key: str) -> Any:
         return type(current)(text)
     except ValueError:
         raise ValueError(f"cannot read {key}={text!r} as {type(current).__name__}") from None
-
-
-# --------------------------------------------------------------------------- data
-
-
-def load_digits_tensor() -> torch.Tensor:
-    """The 1797 8x8 digits bundled with scikit-learn, as (N, 64) floats in [-1, 1]."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError("the diffusion recipe needs scikit-learn: pip install 'emakit[demo]'") from None
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0  # pixel values are 0..16
-    return x * 2 - 1, torch.tensor(digits.target)
-
-
-# --------------------------------------------------------------------------- model
-
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (as in DDPM / transformers)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-
-
-class Denoiser(nn.Module):
-    """An MLP that predicts the noise in a noised 8x8 image, given the timestep."""
-
-    def __init__(self, hidden: int = 768, temb: int = 128) -> None:
-        super().__init__()
-        self.temb = temb
-        self.net = nn.Sequential(
-            nn.Linear(64 + temb, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, 64),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([x, timestep_embedding(t, self.temb)], dim=1))
-
-
-# --------------------------------------------------------------------------- diffusion
-
-
-def alpha_bars(steps: int) -> torch.Tensor:
-    """Cumulative signal fraction of the DDPM linear beta schedule (1e-4 .. 0.02)."""
-    betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0).float()
-
-
-@torch.no_grad()
-def sample(
-    model: nn.Module,
-    n: int,
-    *,
-    steps: int = 50,
-    method: str = "ddim",
-    diffusion_steps: int = 1000,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    batch: int = 1000,
-) -> torch.Tensor:
-    """Draw ``n`` images in [-1, 1] with DDIM (deterministic, eta=0) or DDPM ancestral sampling."""
-    if method not in ("ddim", "ddpm"):
-        raise ValueError(f"method must be ddim or ddpm, got method={method!r}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    abar = alpha_bars(diffusion_steps).to(device)
-    # Evenly spaced timesteps from T-1 down to 0.
-    ts = torch.linspace(diffusion_steps - 1, 0, steps).round().long().tolist()
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, n, batch):
-        m = min(batch, n - start)
-        x = torch.randn(m, 64, generator=gen).to(device)
-        for i, t in enumerate(ts):
-            a_t = abar[t]
-            a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=device)
-            eps = model(x, torch.full((m,), t, device=device)).float()
-            x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-            if method == "ddim":
-                # The noise implied by the clipped x0: without this, the model's small gain
-                # errors at high noise compound over the steps and the samples blow up.
-                eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-            else:
-                # DDPM posterior q(x_prev | x_t, x0) for a (possibly strided) step.
-                alpha = a_t / a_prev
-                mean = (a_prev.sqrt() * (1 - alpha) * x0 + alpha.sqrt() * (1 - a_prev) * x) / (1 - a_t)
-                var = (1 - alpha) * (1 - a_prev) / (1 - a_t)
-                if i + 1 < len(ts):
-                    x = mean + var.sqrt() * torch.randn(m, 64, generator=gen).to(device)
-                else:
-                    x = mean
-        out.append(x.clamp(-1, 1).cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary name, fsync, then rename: a crash never leaves a loadable partial file.
-
-    A full disk or a file size limit raises an ``OSError`` that says so; the previous file at
-    ``path`` is untouched and the temporary file removed.
-    """
-    tmp = _temporary(path)
-    try:
-        # Through a Python file object, not the path: torch's own file writer reports a full disk
-        # as "unexpected pos"; this way the OSError (ENOSPC, EFBIG) survives in the exception chain.
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        code = next((c for c in _errnos(e) if c in _NO_SPACE), None)
-        try:
-            free = shutil.disk_usage(path.parent).free
-        except OSError:
-            free = math.inf
-        if code is None and free >= 1 << 20:  # neither an errno nor a disk that says "full"
-            raise
-        raise OSError(
-            code or errno.ENOSPC,
-            f"no space left on device (or file size limit) while writing {path} ({free / 2**20:.1f} MiB free "
-            f"there); the previous {path.name} is intact. Free some space (or raise the file size limit, "
-            f"`ulimit -f`) and continue with --resume",
-        ) from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-_NO_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def _errnos(e: BaseException | None):
-    """The errno of an exception and of those it was raised from or during (torch wraps OSErrors)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield getattr(e, "errno", None)
-        e = e.__cause__ or e.__context__
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename into ``directory`` durable, where the platform allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-# The recipe's temporary names; nothing else in out_dir is ever removed as a temporary (the
-# snapshots' temporaries in phema/ are emakit's, which removes those of dead writers itself).
-_TEMPORARY = re.compile(r"^\.(checkpoint\.pt|log\.jsonl)\.(?P<writer>.+)\.tmp$")
-
-
-def _temporary(path: Path) -> Path:
-    """The hidden name ``path`` is written under before the rename: ``.<name>.<host>.<pid>.tmp``."""
-    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
-
-
-def remove_stale_temporaries(directory: Path, max_age_s: float = 3600.0) -> list[Path]:
-    """Delete the temporary files that killed writers of this recipe left in ``directory``; returns them.
-
-    A temporary file (``.checkpoint.pt.<host>.<pid>.tmp``, ``.log.jsonl.<host>.<pid>.tmp``) is
-    stale when it was written on this host by a process that is not alive, or by this process
-    (pids are reused, e.g. in containers, and this process writes one file at a time, never
-    while calling this); or, whatever its name (another host on a shared file system, an older
-    name without a pid), when it has not been modified for ``max_age_s`` seconds: a live
-    writer keeps its file's mtime fresh. Files of live writers are left alone.
-    """
-    removed = []
-    if not directory.is_dir():
-        return removed
-    now = time.time()
-    for path in directory.iterdir():
-        match = _TEMPORARY.match(path.name)
-        if match is None or not path.is_file():
-            continue
-        host, _, pid = match["writer"].rpartition(".")
-        dead = host == _HOST and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid)))
-        try:
-            stale = dead or now - path.stat().st_mtime > max_age_s
-        except FileNotFoundError:
-            continue  # its writer renamed or removed it meanwhile
-        if stale:
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":
-        return True  # os.kill(pid, 0) would terminate it on Windows: judge by age alone
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by someone else
-    return True
-
-
-def cut_log(path: Path, step: int) -> int:
-    """Keep the rows of the JSONL log ``path`` up to ``step`` (atomically); returns how many were dropped.
-
-    Rows are kept as written. A row whose step does not follow the previous one starts a
-    restarted part of the run and replaces the rows it repeats (logs of earlier versions of
-    this recipe kept them), and a torn last line (a kill in the middle of a write) is dropped.
-    """
-    if not path.exists():
-        return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept: list[tuple[int, str]] = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row_step = int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines):
-                continue  # torn by a kill in the middle of the write
-            raise ValueError(
-                f"{path}, line {number}: expected a JSON row with a step, got {line[:80]!r}; "
-                f"fix or delete that line and resume again"
-            ) from None
-        while kept and kept[-1][0] >= row_step:
-            kept.pop()
-        kept.append((row_step, line if line.endswith("\n") else line + "\n"))
-    kept = [(s, line) for s, line in kept if s <= step]
-    if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
-        return 0
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(line for _, line in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return len(lines) - len(kept)
-
-
-def run_files(out: Path) -> list[Path]:
-    """What a run leaves in ``out``: checkpoint, log, snapshots, TensorBoard events (not temporaries)."""
-    found = [p for p in (out / "checkpoint.pt", out / "log.jsonl") if p.exists()]
-    if (out / "phema").is_dir():
-        found += snapshots.snapshot_paths(out / "phema")
-    if (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir()):
-        found.append(out / "tensorboard")
-    return found
-
-
-def _describe(paths: list[Path], out: Path) -> str:
-    snaps = [p for p in paths if p.parent.name == "phema"]
-    names = [p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in paths if p not in snaps]
-    if snaps:
-        names.append(f"{len(snaps)} snapshot{'s' * (len(snaps) != 1)} in phema/")
-    return ", ".join(names)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 # --------------------------------------------------------------------------- training

@@ -1,0 +1,306 @@
+"""Listing and reading snapshots: headers, tensors (checked and decoded), trust.
+
+Owns what :mod:`emakit.snapshots` reads: the snapshots of a directory
+(:func:`snapshot_paths`), a snapshot's checked header (:func:`read_info`, also of ``.shards``
+and DCP directories), and a reader of its tensors (:func:`open_tensors`): single files
+checked against their header checksums, compact averages decoded back to their keyframe
+(keeping the last decoded value of each, :func:`clear_decoded_cache`), ``.shards``
+directories part by part, DCP directories in batches and only with ``trust``
+(:func:`require_trust`). Also the optional dependencies' loaders (safetensors, the compact
+codec), imported on first use. Writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import dcp as _dcp
+from . import shards as _shard_files
+from .header import (
+    _DCP_INFO,
+    _DCP_PATTERN,
+    _PATTERN,
+    _SAFETENSORS_DTYPES,
+    _SHARDS_PATTERN,
+    SnapshotError,
+    SnapshotInfo,
+    _parse_info,
+    checksum,
+    dtype_name,
+    file_name,
+    parse_dtype,
+)
+
+
+def _encoding():
+    """The compact codec, imported on first use (it needs numpy, which emakit itself does not)."""
+    from . import compact as codec
+
+    return codec
+
+
+def _safetensors():
+    try:
+        import safetensors.torch  # noqa: F401
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError(
+            "snapshots need the safetensors package: pip install 'emakit[safetensors]' (or pip install safetensors)"
+        ) from None
+    return safetensors, safe_open
+
+
+def snapshot_paths(directory: str | os.PathLike) -> list[Path]:
+    """The snapshots of a directory (``phema-*.safetensors`` files, ``phema-*.shards`` / ``.dcp`` directories), by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SnapshotError(f"{directory}: not a directory")
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if (_PATTERN.match(p.name) and p.is_file())
+        or ((_DCP_PATTERN.match(p.name) or _SHARDS_PATTERN.match(p.name)) and p.is_dir())
+    )
+
+
+def read_info(path: str | os.PathLike) -> SnapshotInfo:
+    """Read and check a snapshot's header; :class:`SnapshotError` naming the file if it is not valid."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_dcp_info(path)
+    _, safe_open = _safetensors()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            stored = {k: f.get_slice(k).get_dtype() for k in keys}
+    except Exception as e:  # safetensors raises its own types for truncated / malformed files
+        raise SnapshotError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+    info = _parse_info(path, meta, shapes, path.stat().st_size)
+    for key in keys:
+        if info.encoding == "compact" and key.startswith("avg."):
+            if stored[key] != "U8" or len(shapes[key]) != 1:
+                raise SnapshotError(f"{path}: compact tensor {key!r} is stored as {stored[key]}, expected U8 bytes")
+        elif key.startswith("avg.") and _SAFETENSORS_DTYPES.get(stored[key]) != info.dtype:
+            raise SnapshotError(
+                f"{path}: tensor {key!r} is stored as {stored[key]}, but the header says the averages are "
+                f"{dtype_name(info.dtype)} (corrupted or edited header?)"
+            )
+    return info
+
+
+def _read_dcp_info(path: Path) -> SnapshotInfo:
+    """The header of a sharded snapshot directory: a ``.shards`` one (its index checked), or a DCP one."""
+    try:
+        meta = json.loads((path / _DCP_INFO).read_text())
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("not an object of strings")
+        tensors = json.loads(meta["tensors"])
+        shapes = {k: tuple(v[2]) for k, v in tensors.items()}
+        flat = tuple(sorted({k.split("/", 1)[1] for k, v in tensors.items() if list(v[1]) != list(v[2])}))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise SnapshotError(
+            f"{path}: not a readable sharded snapshot ({_DCP_INFO} missing or malformed: {e})"
+        ) from None
+    if path.suffix == ".shards" or "parts" in meta:
+        _shard_files.Parts(path, meta)  # every part present, in bounds, covering each tensor
+    elif not (path / ".metadata").is_file():
+        raise SnapshotError(f"{path}: sharded snapshot without DCP .metadata (incomplete copy?)")
+    nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    info = _parse_info(path, meta, shapes, nbytes)
+    stored = {tensors[k][0] for k in tensors if k.startswith("avg.")}
+    if stored - {dtype_name(info.dtype)}:
+        raise SnapshotError(
+            f"{path}: averages stored as {sorted(stored)}, but the header says {dtype_name(info.dtype)} "
+            f"(corrupted or edited index?)"
+        )
+    return SnapshotInfo(**{**info.__dict__, "sharded": True, "flat": flat})
+
+
+# --------------------------------------------------------------------------- reading tensors
+
+#: Bytes of tensors read from a sharded snapshot per ``dcp.load`` call (each call re-reads its metadata).
+_DCP_BATCH_BYTES = 64 << 20
+
+
+def dcp_tensor_table(path: Path) -> dict[str, list]:
+    """``key -> [dtype name, stored shape, model shape]`` of a sharded snapshot."""
+    return json.loads(json.loads((Path(path) / _DCP_INFO).read_text())["tensors"])
+
+
+class _SafetensorsReader:
+    """Reads tensors of a single-file snapshot, checking each against its header checksum."""
+
+    def __init__(self, info: SnapshotInfo) -> None:
+        _, safe_open = _safetensors()
+        self._info = info
+        self._file = safe_open(str(info.path), framework="pt")
+        self._handle = self._file.__enter__()
+
+    def raw(self, key: str) -> Tensor:
+        """The stored tensor (compact averages: their encoded bytes), checked against its checksum."""
+        value = self._handle.get_tensor(key)
+        want = (self._info.checksums or {}).get(key)
+        if want is not None and checksum(value) != want:
+            raise SnapshotError(
+                f"{self._info.path}: tensor {key!r} does not match its checksum: the file is corrupted "
+                f"(a flipped bit, or data swapped between tensors)"
+            )
+        return value
+
+    def get(self, key: str) -> Tensor:
+        if self._info.encoding == "compact" and key.startswith("avg."):
+            return _decode(self._info, key, self).clone()  # the cache keeps its own copy
+        return self.raw(key)
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
+
+
+#: Last decoded value of each compact average: ``key -> (file identity, fp32 tensor)``, of one directory.
+_DECODED: dict[str, tuple[tuple, Tensor]] = {}
+_DECODED_DIRECTORY: list[Path] = []  # the directory those values come from
+
+
+def clear_decoded_cache() -> None:
+    """Free the decoded averages kept while reading compact snapshots (at most one snapshot's worth)."""
+    _DECODED.clear()
+    _DECODED_DIRECTORY.clear()
+
+
+def _identity(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
+    """Compact average ``key`` of ``info`` in fp32, decoding its references back to the keyframe as needed."""
+    me = _identity(info.path)
+    cached = _DECODED.get(key)
+    if cached is not None and cached[0] == me:
+        return cached[1]
+    payload = reader.raw(key)
+    reference = None if info.reference is None else _reference(info, key)
+    try:
+        if reference is None:
+            value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]])
+        else:
+            value = _encoding().decode_delta(payload, info.scales[key], reference)
+    except (ValueError, zlib.error) as e:
+        raise SnapshotError(f"{info.path}: compact tensor {key!r} cannot be decoded (corrupted?): {e}") from None
+    directory = Path(me[0]).parent
+    if _DECODED_DIRECTORY != [directory]:
+        clear_decoded_cache()  # another directory: keep one directory's worth
+        _DECODED_DIRECTORY.append(directory)
+    _DECODED[key] = (me, value)
+    return value
+
+
+def _reference(info: SnapshotInfo, key: str) -> Tensor:
+    """The decoded value of ``key`` in the snapshot ``info`` is relative to (from the cache, or decoded)."""
+    path = info.path.parent / file_name(info.reference)
+    if not path.is_file():
+        raise SnapshotError(
+            f"{info.path}: compact snapshot at t={info.t:g} is a delta against t={info.reference:g}, but its "
+            f"reference {path.name} is missing from {info.path.parent}; keep every snapshot back to the "
+            f"previous keyframe (or thin out only whole chains)"
+        )
+    cached = _DECODED.get(key)
+    if cached is not None and cached[0] == _identity(path):
+        return cached[1]
+    ref = read_info(path)
+    if ref.encoding != "compact" or ref.shapes.get(key.split("/", 1)[1]) != info.shapes[key.split("/", 1)[1]]:
+        raise SnapshotError(
+            f"{info.path}: its reference {path.name} is not a compact snapshot of the same tensors "
+            f"(encoding={ref.encoding!r}); expected the snapshot this one was written against"
+        )
+    reader = _SafetensorsReader(ref)
+    try:
+        return _decode(ref, key, reader)
+    finally:
+        reader.close()
+
+
+class _DcpReader:
+    """Reads a sharded snapshot in one process, a batch of upcoming tensors per ``dcp.load``."""
+
+    def __init__(self, info: SnapshotInfo, order: list[str]) -> None:
+        self._info = info
+        self._tensors = dcp_tensor_table(info.path)
+        self._order = order
+        self._cache: dict[str, Tensor] = {}
+
+    def _empty(self, key: str) -> Tensor:
+        dtype, shape, _ = self._tensors[key]
+        return torch.empty(shape, dtype=parse_dtype(dtype, str(self._info.path)))
+
+    def get(self, key: str) -> Tensor:
+        if key not in self._cache:
+            start = self._order.index(key) if key in self._order else len(self._order)
+            batch = {key: self._empty(key)}
+            nbytes = batch[key].nbytes
+            for other in self._order[start + 1 :]:
+                if nbytes >= _DCP_BATCH_BYTES:
+                    break
+                batch[other] = self._empty(other)
+                nbytes += batch[other].nbytes
+            _dcp.load(batch, self._info.path, no_dist=True, flatten=False, where="read snapshot")
+            self._cache = batch
+        value = self._cache.pop(key)
+        model_shape = self._tensors[key][2]
+        return value.view(model_shape) if list(value.shape) != list(model_shape) else value
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+class _ShardsReader:
+    """Reads whole tensors of a ``.shards`` snapshot in one process, each part checked against its checksum."""
+
+    def __init__(self, info: SnapshotInfo) -> None:
+        self._info = info
+        self._parts = _shard_files.Parts(info.path, json.loads((info.path / _DCP_INFO).read_text()))
+
+    def get(self, key: str) -> Tensor:
+        value = self._parts.read(key)
+        model_shape = self._parts.tensors[key][2]
+        return value.view(model_shape) if tuple(value.shape) != model_shape else value
+
+    def close(self) -> None:
+        self._parts.close()
+
+
+def shard_parts(info: SnapshotInfo) -> _shard_files.Parts:
+    """The part table of a ``.shards`` snapshot (for readers that want a box of each tensor)."""
+    return _shard_files.Parts(info.path, json.loads((info.path / _DCP_INFO).read_text()))
+
+
+def require_trust(info: SnapshotInfo, trust: bool) -> None:
+    """Refuse to read a DCP (``.dcp``) snapshot unless the caller vouches for it: its metadata is a pickle."""
+    if info.pickled and not trust:
+        raise SnapshotError(
+            f"{info.path}: a sharded (DCP) snapshot, whose .metadata is a pickle: reading it can run code. Pass "
+            f"trust=True (CLI: --trust) if you wrote it, and export it once to safetensors (emakit export --trust)"
+        )
+
+
+def open_tensors(info: SnapshotInfo, order: list[str] | None = None, *, trust: bool = False):
+    """A reader with ``get(key) -> Tensor`` (model-shaped, on the CPU) and ``close()``.
+
+    ``order`` lists the keys in the order they will be asked for, so a sharded snapshot can
+    read them in batches; reading is streamed: one batch in memory at a time. A DCP
+    (``.dcp``) snapshot is read only with ``trust=True``: DCP's metadata is a pickle.
+    """
+    require_trust(info, trust)
+    if info.pickled:
+        return _DcpReader(info, list(order or []))
+    if info.sharded:
+        return _ShardsReader(info)
+    return _SafetensorsReader(info)
