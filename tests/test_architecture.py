@@ -82,6 +82,7 @@ LAYERS: dict[str, int] = {
     "recipes.run_dir": 6,
     "recipes.diffusion": 9,
     "_cli.demo": 10,
+    "_cli.average": 10,
     "_cli.commands": 11,
     "cli": 12,
     "__main__": 13,

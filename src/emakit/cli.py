@@ -9,6 +9,8 @@ emakit verify run/phema run/ema.pt                               # readable, com
 emakit plan --steps 100000 --sigma-rel 0.03:0.2 --max-fit-error 1e-3  # profiles + interval, fewest bytes
 emakit prune run/phema --sigma-rel 0.05:0.15 --max-fit-error 1e-3 --dry-run
 emakit sweep run/phema --eval mytask:fid --model mytask:make_model --search --out run/sweep
+emakit average run/checkpoints --last 5 --out run/mean.safetensors   # ordinary checkpoints
+emakit average run/checkpoints --sigma-rel 0.05 --out run/ema.pt     # the EMA rebuilt from them
 
 Every bad argument or unreadable input is one line on stderr and exit status 2 (``verify``:
 1 when it found problems). Sharded snapshots written by emakit 0.1 (``phema-*.dcp``) hold a
@@ -39,6 +41,7 @@ from ._cli.args import (  # parse_values and _trust: re-exported, emakit.cli's n
     _UsageError,
     parse_values,  # noqa: F401
 )
+from ._cli.average import add_average
 from ._cli.commands import (
     _SNAPSHOT_DIR,
     cmd_demo,
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="emakit", description="Averaged model weights for PyTorch training.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_inspect, _add_reconstruct, _add_sweep, _add_export, _add_verify, _add_plan, _add_prune, _add_demo):
+    for add in (_add_inspect, _add_reconstruct, add_average, _add_sweep, _add_export, _add_verify, _add_plan, _add_prune, _add_demo):
         add(sub)
     return parser
 
@@ -95,8 +98,10 @@ def _add_reconstruct(sub) -> None:
 
 
 def _add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="score EMA lengths rebuilt from snapshots with your own evaluation; find the best")
-    p.add_argument("directory", help=_SNAPSHOT_DIR)
+    p = sub.add_parser(
+        "sweep", help="score EMA lengths rebuilt from snapshots (or ordinary checkpoints) with your own evaluation"
+    )
+    p.add_argument("directory", help=_SNAPSHOT_DIR + ", or a directory of ordinary checkpoints")
     p.add_argument("--eval", required=True, help="pkg.module:function, called as function(model) -> float or dict")
     p.add_argument("--model", required=True, help="pkg.module:factory, called with no arguments -> the torch.nn.Module")
     p.add_argument(
@@ -108,6 +113,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--higher-is-better", action="store_true", help="the metric is better when higher")
     p.add_argument("--t", type=_positive_time, default=None, help="sweep at this time (default: the last snapshot)")
     p.add_argument("--out", required=True, help="output directory: report.json, report.md, sweep.png")
+    p.add_argument("--key", default=None, help="ordinary checkpoints: where the weights are in each file")
+    p.add_argument("--step-key", default=None, help="ordinary checkpoints: where the step count is in each file")
     p.add_argument("--trust", action="store_true", help=_TRUST_HELP)
     p.set_defaults(run=cmd_sweep)
 

@@ -369,14 +369,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import posthoc
+    from .. import posthoc, snapshots
+    from .average import sweep_checkpoints
 
     evaluate = _load_callable(args.eval, "--eval")
     factory = _load_callable(args.model, "--model")
     grid = parse_values(args.sigma_rel, "--sigma-rel") if args.sigma_rel is not None else list(posthoc.DEFAULT_SWEEP)
     directory = _directory(args.directory, _SNAPSHOT_DIR)
     out = _output_directory(args.out)
-    snaps = posthoc.list_snapshots(directory)
+    raw = not snapshots.snapshot_paths(directory)  # a folder of ordinary checkpoints
+    snaps = [] if raw else posthoc.list_snapshots(directory)
     _refuse_untrusted([info.path for info in snaps if info.pickled], args.trust)
     model = factory()
     if not isinstance(model, torch.nn.Module):
@@ -387,7 +389,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         plot = True
     except ImportError:
         plot = False
-    result = posthoc.sweep(
+    result = sweep_checkpoints(args, directory, evaluate, model, grid, out, plot) if raw else posthoc.sweep(
         snaps, evaluate, model=model, sigma_rel=grid, t=args.t, metric=args.metric,
         lower_is_better=not args.higher_is_better, search=args.search, out=out, plot=plot,
         **_trust(posthoc.reconstruct, args.trust),

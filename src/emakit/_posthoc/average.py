@@ -268,7 +268,7 @@ def _accumulate(sums: dict[str, Tensor], name: str, x: Tensor, weight: float | N
     """``sums[name] += weight * x``; ``weight=None``: plain sum (fairseq's order: sum, then divide by the count)."""
     acc = sums.get(name)
     if acc is None:
-        sums[name] = x.to(accumulate, copy=True) if weight is None else x.to(accumulate).mul_(weight)
+        sums[name] = x.to(accumulate, copy=True) if weight is None else x.to(accumulate) * weight
     elif weight is None:
         acc.add_(x)
     elif weight != 0:
@@ -334,7 +334,7 @@ def _bar(progress: Callable[[int], Any] | bool, total: int):
             from tqdm.auto import tqdm
         except ImportError:
             return _NoBar()
-        return tqdm(total=total, unit="ckpt", desc="averaging")
+        return tqdm(total=total, unit="ckpt", desc="averaging", disable=None, leave=False)  # off when not a terminal
     return _NoBar()
 
 

@@ -261,18 +261,29 @@ def torch_load(path: Path, trust: bool) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
+            if "mmap" not in str(e):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file
     except pickle.UnpicklingError as e:
         if not trust:
+            try:
+                needs = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # noqa: BLE001 -- not even a torch.save zip file
+                needs = []
+            if not needs:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointSourceError(
+                    f"{WHERE}: cannot read {str(path)!r} with torch.load(weights_only=True) ({first}); if it is a "
+                    f"checkpoint you wrote or trust, pass trust=True (--trust)"
+                ) from None
             raise CheckpointSourceError(
-                f"{WHERE}: {str(path)!r} holds objects beyond tensors and plain containers, and is read with "
-                f"torch.load(weights_only=True) only; if you wrote it or trust it, pass trust=True (--trust)"
-            ) from e
+                f"{WHERE}: {str(path)!r} holds objects beyond tensors and plain containers ({', '.join(needs[:3])}), "
+                f"and is read with torch.load(weights_only=True) only; if you wrote it or trust it, pass trust=True "
+                f"(--trust)"
+            ) from None
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointSourceError(f"{WHERE}: cannot read {str(path)!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- a damaged or foreign file fails in many ways inside torch.load
+        raise CheckpointSourceError(f"{WHERE}: cannot read {str(path)!r} as a torch.save file: {e!r}") from None
 
 
 def _is_tensor_map(obj: Any) -> bool:

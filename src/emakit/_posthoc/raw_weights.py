@@ -73,6 +73,13 @@ class Profile:
             return (self.gamma + 1) / (self.gamma + 2) * tau * F
         return tau * F - (F - math.exp(-self.rate * self.T)) / self.rate
 
+    def log_decays(self, first: int) -> Tensor:
+        """``log decay_j`` of the update at each step ``j = first .. T`` (one update per unit of t)."""
+        j = torch.arange(first, int(self.T) + 1, dtype=torch.float64)
+        if self.kind == "power":  # emakit's PowerEMA: decay_j = (1 - 1/j)**(gamma + 1), the first update copies
+            return (self.gamma + 1) * torch.log1p(-1 / j)
+        return torch.full_like(j, -self.rate)
+
     def density(self, tau: Tensor) -> Tensor:
         if self.kind == "power":
             return (self.gamma + 1) / self.T * (tau / self.T) ** self.gamma
@@ -104,9 +111,33 @@ class Quadrature:
     before_bound: float  # t_1 * F(t_1)**2
 
 
+#: Up to this many steps between the first and the last checkpoint, integer times are treated as
+#: steps of one update each (the EMA's exact discrete weights); beyond, the continuous profile.
+MAX_DISCRETE = 1 << 24
+
+
 def hat_weights(times: Sequence[float], p: Profile) -> Quadrature:
-    """Piecewise-linear quadrature of ``p`` on checkpoints at ``times`` (increasing, the last == p.T)."""
+    """Piecewise-linear quadrature of ``p`` on checkpoints at ``times`` (increasing, the last == p.T).
+
+    Integer times (steps) use the EMA's own discrete weights, one update per step: the mass of
+    step ``k`` is ``(1 - decay_k) * prod_{j > k} decay_j``, split between the two checkpoints
+    around ``k`` in proportion to its distance from each (checkpoints at every step give the
+    exact EMA). Other times use the continuous profile, in closed form.
+    """
     t = torch.tensor(list(times), dtype=torch.float64)
+    discrete = bool((t == t.round()).all()) and t[-1] - t[0] <= MAX_DISCRETE
+    w, before = _discrete(t, p) if discrete else _continuous(t, p)
+    F = p.mass(t)
+    return Quadrature(
+        weights=(w / w.sum()).tolist(),
+        mass_before_first=before,
+        interval_mass=(F[1:] - F[:-1]).tolist(),
+        bridge=[_bridge(p, float(a), float(b)) for a, b in zip(t[:-1], t[1:])],
+        before_bound=float(t[0]) * before**2,
+    )
+
+
+def _continuous(t: Tensor, p: Profile) -> tuple[Tensor, float]:
     F, M = p.mass(t), p.moment(t)
     w = torch.zeros_like(t)
     dF, dM, h = F[1:] - F[:-1], M[1:] - M[:-1], t[1:] - t[:-1]
@@ -114,14 +145,29 @@ def hat_weights(times: Sequence[float], p: Profile) -> Quadrature:
     w[1:] += rising
     w[:-1] += dF - rising
     w[0] += F[0]  # before the first checkpoint: held at its value
-    w = w.clamp_min(0)
-    return Quadrature(
-        weights=(w / w.sum()).tolist(),
-        mass_before_first=float(F[0]),
-        interval_mass=dF.tolist(),
-        bridge=[_bridge(p, float(a), float(b)) for a, b in zip(t[:-1], t[1:])],
-        before_bound=float(t[0] * F[0] ** 2),
-    )
+    return w.clamp_min(0), float(F[0])
+
+
+def _discrete(t: Tensor, p: Profile) -> tuple[Tensor, float]:
+    first = int(t[0])
+    log_decay = p.log_decays(first + 1)  # the updates at steps first+1 .. T
+    suffix = torch.flip(torch.cumsum(torch.flip(log_decay, [0]), 0), [0])  # sum over j >= m
+    # kept[k]: the weight of the average at step k in the one at T, prod_{j > k} decay_j
+    kept = torch.exp(torch.cat([suffix, torch.zeros(1, dtype=torch.float64)]))
+    mass = kept.clone()
+    mass[1:] *= -torch.expm1(log_decay)  # (1 - decay_k) * kept[k]; at the first step everything held
+    first_decay = math.exp(float(p.log_decays(first)[0])) if first > 0 else 0.0  # step 0 is the start
+    before = float(kept[0]) * first_decay  # what the average held before the first checkpoint
+    k = torch.arange(first, int(t[-1]) + 1, dtype=torch.float64)
+    right = torch.searchsorted(t, k, right=False).clamp(1, len(t) - 1) if len(t) > 1 else None
+    w = torch.zeros_like(t)
+    if right is None:
+        return w + mass.sum(), before
+    a, b = t[right - 1], t[right]
+    share = ((k - a) / (b - a)).clamp(0, 1)
+    w.index_add_(0, right, mass * share)
+    w.index_add_(0, right - 1, mass * (1 - share))
+    return w, before
 
 
 def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
