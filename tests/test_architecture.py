@@ -83,6 +83,7 @@ LAYERS: dict[str, int] = {
     "recipes.diffusion": 9,
     "_cli.demo": 10,
     "_cli.average": 10,
+    "_cli.demo_raw": 9,
     "_cli.commands": 11,
     "cli": 12,
     "__main__": 13,

@@ -29,6 +29,7 @@ from torch import nn
 from .. import posthoc, schedules
 from .._files.atomic import write_then_rename
 from ..recipes import diffusion
+from . import demo_raw
 
 SWEEP = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)
 FULL = {"steps": 8000, "snapshot_every": 200, "samples": 2000, "sample_steps": 50, "noise_seeds": 4}
@@ -122,6 +123,7 @@ def run(
         seed=seed,
         steps=plan["steps"],
         snapshot_every=plan["snapshot_every"],
+        raw_every=plan["snapshot_every"],  # ordinary checkpoints too, for the comparison
         progress=progress,
     )
     if (out / "run" / "phema").exists() and not (cfg.resume or cfg.overwrite):
@@ -165,6 +167,7 @@ def run(
     # Seed-to-seed noise of the metric: sample the best entry again with other seeds.
     repeats = [score(states[best["name"]], sample_seed=k)[0] for k in range(1, plan["noise_seeds"] + 1)]
     noise = float(torch.tensor([best["metric"], *repeats], dtype=torch.float64).std())
+    raw_ckpts = demo_raw.compare(Path(cfg.out_dir) / "raw", result["snapshots"], model, score, grid, swept.best, quick)
     model.load_state_dict(raw_state)
     raw_samples = samples_by_name["raw"]
 
@@ -184,6 +187,7 @@ def run(
         "sampler": f"DDIM, {plan['sample_steps']} steps",
         "config": asdict(cfg),
         "files": list(FILES),
+        "raw_checkpoints": raw_ckpts,
     }
     if search is not None:  # the golden-section search, against the full sweep
         report["search"] = {**search, "within_noise": abs(search["metric"] - full["metric"]) <= noise}
@@ -354,6 +358,8 @@ def _write_markdown(path: Path, report: dict, cfg: diffusion.Config) -> None:
         lines += ["", _classic_ema_note(cfg, report["best"])]
     if "search" in report:
         lines += ["", _search_note(report["search"], report["noise"])]
+    if "raw_checkpoints" in report:
+        lines += demo_raw.markdown(report["raw_checkpoints"])
     lines += [
         "",
         "![sweep](sweep.png)",

@@ -17,7 +17,8 @@ It trains the way Stable Diffusion is trained, at the size of a CPU:
     python -m emakit.recipes.diffusion out_dir=runs/digits steps=8000 --overwrite  # or overwrite=true
 
 What a run leaves in ``out_dir``: ``checkpoint.pt``, ``log.jsonl`` (one row per logged step),
-``phema/`` (power-EMA snapshots) and ``tensorboard/``. Killed at any moment (even ``kill -9``,
+``phema/`` (power-EMA snapshots), ``raw/`` (ordinary checkpoints of the raw weights, with
+``raw_every``) and ``tensorboard/``. Killed at any moment (even ``kill -9``,
 even before its first checkpoint), a run resumes with ``--resume`` to the same bits as an
 uninterrupted one: the resume goes back to the checkpoint (to step 0 when there is none) and
 removes what the lost part of the run wrote after it, saying so: snapshots past the
@@ -59,6 +60,7 @@ from emakit.recipes.run_dir import (
     _describe,
     _remove,
     cut_log,
+    raw_checkpoints,
     remove_stale_temporaries,
     run_files,
     save_atomic,
@@ -87,6 +89,9 @@ class Config:
     # Power EMA for post-hoc reconstruction: tracked profiles and the snapshot interval.
     sigma_rels: tuple[float, ...] = (0.01, 0.05, 0.10)
     snapshot_every: int = 200
+    # Ordinary checkpoints of the raw weights (raw/model-<step>.pt) every this many steps, 0: none;
+    # emakit.posthoc.average_checkpoints rebuilds means and EMAs from them (the demo compares).
+    raw_every: int = 0
     # A very short power EMA tracked directly (post hoc cannot go below the shortest profile).
     short_sigma_rel: float = 0.001
     time_unit: str = "steps"  # steps | images: the unit of t for the averages
@@ -132,6 +137,8 @@ class Config:
             raise ValueError(f"time_unit must be steps or images, got time_unit={self.time_unit!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={self.ema_decay}")
+        if self.raw_every < 0:
+            raise ValueError(f"raw_every must be >= 0 (0: no raw checkpoints), got raw_every={self.raw_every}")
         if self.resume and self.overwrite:
             raise ValueError("resume=true continues the run in out_dir, overwrite=true deletes it: pass one of them")
 
@@ -221,13 +228,14 @@ def train(cfg: Config) -> dict:
         # belong to the lost part of the run; the resumed run writes them again, identically.
         lost = snapshots.snapshot_paths(snap_dir) if snap_dir.is_dir() else []
         lost = [p for p in lost if snapshots.read_info(p).t > pema.t]
+        lost += [p for p in raw_checkpoints(out) if int(p.stem.split("-")[1]) > step]
         for path in lost:
             _remove(path)
         dropped = cut_log(log_path, step)
         if lost or dropped:
             print(
                 f"resuming at step {step}: removed what the lost part of the run wrote after it: "
-                f"{len(lost)} snapshot(s) from {snap_dir}, {dropped} row(s) from {log_path}",
+                f"{len(lost)} snapshot(s) / raw checkpoint(s), {dropped} row(s) from {log_path}",
                 file=sys.stderr,
             )
 
@@ -265,6 +273,9 @@ def train(cfg: Config) -> dict:
             short.update(dt=unit)
             if step % cfg.snapshot_every == 0:
                 pema.save_snapshot(snap_dir)
+            if cfg.raw_every and step % cfg.raw_every == 0:
+                (out / "raw").mkdir(exist_ok=True)
+                save_atomic(model.state_dict(), out / "raw" / f"model-{step}.pt")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 rate = (step - start_step) / (time.perf_counter() - start_time)
                 log.write(json.dumps({"step": step, "loss": total, "steps_per_s": round(rate, 2)}) + "\n")
@@ -281,6 +292,8 @@ def train(cfg: Config) -> dict:
                 if writer is not None:
                     writer.flush()
                 remove_stale_temporaries(out)
+                if (out / "raw").is_dir():
+                    remove_stale_temporaries(out / "raw")
                 save_atomic(
                     {
                         "config": dataclasses.asdict(cfg),

@@ -174,11 +174,18 @@ def cut_log(path: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
+def raw_checkpoints(out: Path) -> list[Path]:
+    """The run's ordinary checkpoints of the raw weights, ``raw/model-<step>.pt`` (``raw_every``)."""
+    folder = out / "raw"
+    return sorted(folder.glob("model-*.pt"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
+
+
 def run_files(out: Path) -> list[Path]:
-    """What a run leaves in ``out``: checkpoint, log, snapshots, TensorBoard events (not temporaries)."""
+    """What a run leaves in ``out``: checkpoint, log, snapshots, raw checkpoints, TensorBoard events (not temporaries)."""
     found = [p for p in (out / "checkpoint.pt", out / "log.jsonl") if p.exists()]
     if (out / "phema").is_dir():
         found += snapshots.snapshot_paths(out / "phema")
+    found += raw_checkpoints(out)
     if (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir()):
         found.append(out / "tensorboard")
     return found
@@ -186,9 +193,12 @@ def run_files(out: Path) -> list[Path]:
 
 def _describe(paths: list[Path], out: Path) -> str:
     snaps = [p for p in paths if p.parent.name == "phema"]
-    names = [p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in paths if p not in snaps]
+    raw = [p for p in paths if p.parent.name == "raw"]
+    names = [p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for p in paths if p not in snaps + raw]
     if snaps:
         names.append(f"{len(snaps)} snapshot{'s' * (len(snaps) != 1)} in phema/")
+    if raw:
+        names.append(f"{len(raw)} raw checkpoint{'s' * (len(raw) != 1)} in raw/")
     return ", ".join(names)
 
 
