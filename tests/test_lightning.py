@@ -34,6 +34,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*but have no `val_dataloader`.*"),
     pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),  # tests that resume with other callbacks
+    pytest.mark.filterwarnings("ignore:The dirpath has changed"),  # resuming into another checkpoint directory
 ]
 
 BATCH = 16
@@ -378,6 +379,208 @@ def test_side_by_side_with_lightnings_ema_weight_averaging(tmp_path):
     assert my_sd["net.1.num_batches_tracked"].item() == 80
     assert their_sd["net.1.num_batches_tracked"].item() == 60
     print(f"max abs difference of the float averages: {worst:.2e}; count: emakit 80, Lightning 60")
+
+
+# --------------------------------------------------------------------------- switching from EMAWeightAveraging mid-run
+
+
+def _lightning_run(tmp: Path, callback, max_steps: int, ckpt_path=None, record=None):
+    """40 steps an epoch is 20 batches; a checkpoint at every epoch end, validation every epoch."""
+    saver = ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)
+    callbacks = [callback, saver] + ([record] if record is not None else [])
+    run = trainer(tmp, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=True)
+    model = Net()
+    run.fit(model, loader(20 * BATCH), loader(2 * BATCH, seed=5), ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("decay", "every", "start"),
+    [(0.95, 1, None), (0.9, 7, None), (0.99, 3, 10), (0.9, 1, 50)],
+    ids=["decay0.95", "every7", "every3-start10", "start-after-the-switch"],
+)
+def test_resume_a_lightning_ema_weight_averaging_run_with_ema_callback(tmp_path, decay, every, start):
+    """A 40-step EMAWeightAveraging run, continued to 80 by Lightning's callback and by EMACallback.
+
+    EMACallback restores the raw weights (``current_model_state``) and imports the average and
+    t = 40: the weights train on bit for bit as under Lightning's callback, and the averages
+    agree with Lightning's and with a float64 continuation of the checkpoint's average.
+    """
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from emakit import migrate
+
+    peer = dict(decay=decay, update_every_n_steps=every, update_starting_at_step=start)
+    _lightning_run(tmp_path, EMAWeightAveraging(**peer), 40)
+    ckpt = tmp_path / "ckpt" / "epoch=1-step=40.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert set(saved) >= {"current_model_state", "averaging_state"}  # the average is saved as the weights
+
+    theirs, their_record = EMAWeightAveraging(**peer), Trajectory()
+    _lightning_run(tmp_path / "theirs", theirs, 80, ckpt_path=ckpt, record=their_record)
+    mine, my_record = EMACallback(schedule=migrate.schedule("lightning", **peer)), Trajectory()
+    _lightning_run(tmp_path / "mine", mine, 80, ckpt_path=ckpt, record=my_record)
+
+    # The training weights: bit for bit, from the first batch after the switch to the last.
+    assert len(my_record.states) == len(their_record.states) == 41
+    for name, value in saved["current_model_state"].items():
+        assert torch.equal(my_record.states[0][name], value), name  # trained on from the raw weights
+    for mine_state, their_state in zip(my_record.states, their_record.states):
+        for name, value in mine_state.items():
+            assert torch.equal(value, their_state[name]), name
+    assert (mine.ema.t, mine.ema.num_updates) == (80, 40)
+
+    # The averages: Lightning's continuation, and a float64 one from the checkpoint's average.
+    rule = migrate.schedule("lightning", **peer)
+    decays = [rule(t=n, dt=1) for n in range(41, 81)]
+    want = float64_ema([dict(saved["state_dict"])] + my_record.states[1:], decays)
+    their_sd = {k.removeprefix("module."): v for k, v in theirs._average_model.state_dict().items()}
+    got = mine.ema.averaged_state_dict()
+    worst = [0.0, 0.0]
+    for name, value in got.items():
+        if value.is_floating_point():
+            assert_close(value, their_sd[name], rtol=1e-6, atol=1e-6, msg=name)
+            assert_close(value.double(), want[name], rtol=0, atol=1e-6, msg=name)
+            worst[0] = max(worst[0], (value - their_sd[name]).abs().max().item())
+            worst[1] = max(worst[1], (value.double() - want[name]).abs().max().item())
+    print(f"max |emakit - Lightning| {worst[0]:.1e}, max |emakit - float64| {worst[1]:.1e}")
+    assert got["net.1.num_batches_tracked"].item() == 80  # copied from the model (Lightning truncates an average)
+
+
+def test_resume_a_lightning_checkpoint_that_cannot_be_continued_raises_before_training(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    _lightning_run(tmp_path, EMAWeightAveraging(decay=0.9), 20)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=20.ckpt"
+    raw = torch.load(ckpt, weights_only=True)["current_model_state"]
+    found = r"written with Lightning's EMAWeightAveraging \(global_step=20: its average after 20 update\(s\)"
+    cases = [
+        (PowerEMACallback(), "power profiles cannot be recovered from one exponential average"),
+        (EMACallback(decay=0.9, time="samples"), r"counts samples \(time='samples'\).*resume with time='steps'"),
+    ]
+    for callback, reason in cases:
+        record = Trajectory()
+        with pytest.raises(ValueError, match=f"{found}.*{reason}.*pass restart_average=True"):
+            _lightning_run(tmp_path, callback, 40, ckpt_path=ckpt, record=record)
+        assert record.states == []  # not one batch trained
+    # restart_average=True: the training weights come back, and the average starts from them.
+    restart = PowerEMACallback(restart_average=True)
+    record = Trajectory()
+    _lightning_run(tmp_path, restart, 21, ckpt_path=ckpt, record=record)
+    for name, value in raw.items():
+        assert torch.equal(record.states[0][name], value), name
+    assert (restart.ema.t, restart.ema.num_updates) == (1, 1)
+
+
+def test_resume_a_plain_checkpoint_keeps_warning_and_validate_uses_the_imported_average(tmp_path):
+    """StochasticWeightAveraging keeps the training weights under state_dict: nothing to import."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+
+    _lightning_run(tmp_path / "swa", StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1), 40)
+    swa = torch.load(tmp_path / "swa" / "ckpt" / "epoch=1-step=40.ckpt", weights_only=True)
+    assert "current_model_state" not in swa  # its average is in its own callback state
+    fresh, record = EMACallback(decay=0.9), Trajectory()
+    with pytest.warns(RuntimeWarning, match="the average starts from the loaded weights"):
+        _lightning_run(tmp_path / "swa", fresh, 41, ckpt_path=tmp_path / "swa" / "ckpt" / "epoch=1-step=40.ckpt",
+                       record=record)
+    for name, value in swa["state_dict"].items():
+        assert torch.equal(record.states[0][name], value), name
+
+    # trainer.validate(ckpt_path=<EMAWeightAveraging checkpoint>): evaluated with the imported average.
+    _lightning_run(tmp_path / "ema", EMAWeightAveraging(decay=0.9), 20)
+    ckpt = tmp_path / "ema" / "ckpt" / "epoch=0-step=20.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    seen = EMACallback(decay=0.9)
+    model = Net()
+    trainer(callbacks=[seen]).validate(model, loader(BATCH), ckpt_path=ckpt, verbose=False)
+    assert seen.ema.t == 20
+    for name, value in seen.ema.averaged_state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(value, saved["state_dict"][name]), name
+    for name, value in model.state_dict().items():  # after validation: the training weights
+        assert torch.equal(value, saved["current_model_state"][name]), name
+
+
+# --------------------------------------------------------------------------- every_n_steps
+
+
+def test_every_n_steps_updates_over_the_time_of_n_steps(tmp_path):
+    """every_n_steps=3, accumulation 2: updates after steps 3, 6, 9 with dt=3, against a float64 EMA."""
+    record = Trajectory()
+    callback = EMACallback(decay=0.8, every_n_steps=3)
+    pema = PowerEMACallback(sigma_rels=(0.1,), every_n_steps=3, time="samples")
+    run = trainer(max_steps=10, accumulate_grad_batches=2, callbacks=[callback, pema, record])
+    run.fit(Net(), loader(20 * BATCH))
+    assert (callback.ema.t, callback.ema.num_updates) == (9, 3)  # step 10 waits for the next interval
+    assert (pema.ema.t, pema.ema.num_updates) == (9 * 2 * BATCH, 3)
+    states = [record.states[0]] + [record.states[2 * step] for step in (3, 6, 9)]  # 2 batches a step
+    want = float64_ema(states, [0.8**3] * 3)
+    got = callback.ema.averaged_state_dict(dtype="average")
+    for name, value in want.items():
+        if value.is_floating_point():
+            assert_close(got[name].double(), value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_with_every_n_steps_mid_interval_is_bit_identical(tmp_path):
+    def fit(tmp: Path, max_steps: int, ckpt_path=None):
+        ema = EMACallback(decay=0.9, every_n_steps=3)
+        saver = ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)
+        run = trainer(tmp, max_steps=max_steps, callbacks=[ema, saver], enable_checkpointing=True)
+        model = Net()
+        run.fit(model, loader(20 * BATCH), loader(2 * BATCH, seed=5), ckpt_path=ckpt_path)
+        return model, ema
+
+    straight, ema_c = fit(tmp_path / "straight", 40)
+    fit(tmp_path / "stopped", 20)  # 20 = 6 * 3 + 2: two steps wait in the interval
+    ckpt = tmp_path / "stopped" / "ckpt" / "epoch=0-step=20.ckpt"
+    state = next(v for k, v in torch.load(ckpt, weights_only=True)["callbacks"].items() if k.startswith("EMAC"))
+    assert (state["ema"]["t"], state["interval_steps"], state["interval_dt"]) == (18, 2, 2)
+    resumed, ema_b = fit(tmp_path / "stopped", 40, ckpt_path=ckpt)
+    assert (ema_b.ema.t, ema_b.ema.num_updates) == (39, 13)
+    assert_bitwise_equal(ema_b.ema, ema_c.ema)
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, straight.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("every", [0, 1.5, True, "3"])
+def test_every_n_steps_rejects_what_is_not_a_positive_int(every):
+    for cls in (EMACallback, PowerEMACallback):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: every_n_steps must be an int >= 1 .*got every_n_steps="):
+            cls(every_n_steps=every, **({"decay": 0.9} if cls is EMACallback else {}))
+
+
+# --------------------------------------------------------------------------- untrusted files
+
+
+class _Payload:
+    """Unpickling this creates the file ``marker``: what a hostile checkpoint could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_prune_never_unpickles_a_checkpoint_without_trust(tmp_path):
+    from emakit.lightning import prune_sharded_averages
+
+    marker = tmp_path / "payload-ran"
+    ckpt_dir = tmp_path / "ckpt"
+    (ckpt_dir / "emakit" / "ema-step=000000004-0123abcd").mkdir(parents=True)  # an orphan it would delete
+    (ckpt_dir / "fsdp.ckpt").mkdir()  # FSDP2 layout: a directory with meta.pt
+    for path in (ckpt_dir / "evil.ckpt", ckpt_dir / "fsdp.ckpt" / "meta.pt"):
+        torch.save({"callbacks": {"x": _Payload(marker)}}, path)
+        with pytest.raises(ValueError, match=rf"{path.name}.* unpickling them would run code .*pass trust=True"):
+            prune_sharded_averages(ckpt_dir)
+        assert not marker.exists()
+        assert (ckpt_dir / "emakit" / "ema-step=000000004-0123abcd").is_dir()  # nothing deleted
+        path.unlink()
+    with pytest.raises(TypeError, match="trust must be True or False, got trust='yes'"):
+        prune_sharded_averages(ckpt_dir, trust="yes")
+    torch.save({"callbacks": {"x": _Payload(marker)}}, ckpt_dir / "mine.ckpt")
+    assert [p.name for p in prune_sharded_averages(ckpt_dir, trust=True)] == ["ema-step=000000004-0123abcd"]
+    assert marker.exists()  # trust=True unpickles: only for files the user wrote
 
 
 # --------------------------------------------------------------------------- arguments

@@ -18,6 +18,7 @@ What it does, hook by hook (details in ``docs/lightning.md``):
   accumulation gives one update per optimizer step, and a step that ``GradScaler`` skipped
   (fp16 overflow) gives none — ``trainer.global_step`` counts that step anyway, so it cannot
   tell. A skipped step did not happen: no update, and time does not advance.
+  ``every_n_steps=N``: one update per ``N`` steps taken, over the time they make (``dt = N``).
 - **Time** in optimizer steps (``time="steps"``, ``dt`` = steps taken) or in samples
   (``time="samples"``, ``dt`` = global batch size over the step: local batch sizes summed over
   the accumulated batches, then over the ranks, one all-reduce of one integer per step).
@@ -26,6 +27,9 @@ What it does, hook by hook (details in ``docs/lightning.md``):
   (one process, DDP). A sharded average (FSDP2, ``shard=True``) is written by every rank with
   ``ema.save()`` into a DCP directory beside the checkpoints, which the callback state names:
   Lightning writes callback state from rank 0 only, which would lose the other ranks' shards.
+- **A checkpoint of Lightning's ``EMAWeightAveraging``** (the average under ``state_dict``): the
+  model gets the training weights (``current_model_state``) and ``EMACallback`` imports the
+  average at ``t = global_step``; what cannot be continued raises before training starts.
 """
 
 from __future__ import annotations
@@ -82,8 +86,24 @@ class EMACallback(_AveragingCallback):
             default: Lightning's ``extract_batch_size`` (the first tensor's length).
         sharded_dir: where a sharded average writes its DCP directories at each checkpoint
             (default: ``<checkpoint dirpath>/emakit``).
+        every_n_steps: update once per this many optimizer steps taken, over the time they make
+            (``dt = every_n_steps`` with ``time="steps"``): the same decay per unit of time as
+            updating every step, for a fraction of the passes over the weights. Between
+            updates the average stays where the last one left it.
+        restart_average: what to do with a checkpoint written by Lightning's ``WeightAveraging``
+            / ``EMAWeightAveraging`` (the average under ``state_dict``, the training weights under
+            ``current_model_state``). ``False`` (default): the model gets the training weights,
+            and the average and its time (``global_step``) are imported, so training continues
+            as if the run had used this callback from the start; where that is impossible
+            (``time="samples"``) an error says so before training starts. ``True``: the model
+            gets the training weights, and the average starts from them at ``t = 0``.
 
     The average is ``callback.ema`` (built when fitting starts).
+
+    Switching a running ``EMAWeightAveraging(decay=d, update_every_n_steps=k,
+    update_starting_at_step=s)`` job: ``trainer.fit(model, ckpt_path=its_checkpoint)`` with
+    ``EMACallback(schedule=emakit.migrate.schedule("lightning", decay=d, update_every_n_steps=k,
+    update_starting_at_step=s))`` gives Lightning's numbers from there on (``docs/lightning.md``).
 
     Example::
 
@@ -106,6 +126,8 @@ class EMACallback(_AveragingCallback):
         checkpoint_weights: str = "raw",
         batch_size: Callable[[Any], int] | None = None,
         sharded_dir: str | os.PathLike | None = None,
+        every_n_steps: int = 1,
+        restart_average: bool = False,
         **options: Any,
     ) -> None:
         if decay is not None and schedule is not None:
@@ -122,6 +144,8 @@ class EMACallback(_AveragingCallback):
             checkpoint_weights=checkpoint_weights,
             batch_size=batch_size,
             sharded_dir=sharded_dir,
+            every_n_steps=every_n_steps,
+            restart_average=restart_average,
         )
 
     def _key(self) -> dict[str, Any]:
@@ -198,7 +222,12 @@ class PowerEMACallback(_AveragingCallback):
             weights (``averaged_in`` defaults to none).
         buffers, include, dtype, device, skip_nonfinite, locate_nonfinite, shard: as in
             :class:`emakit.PowerEMA`.
-        time, averaged_in, checkpoint_weights, batch_size, sharded_dir: as in :class:`EMACallback`.
+        time, averaged_in, checkpoint_weights, batch_size, sharded_dir, every_n_steps: as in
+            :class:`EMACallback`.
+        restart_average: a checkpoint of Lightning's ``WeightAveraging`` holds one average,
+            from which no power profile can be recovered: ``False`` (default) raises before
+            training starts; ``True`` restores the training weights and starts the profiles
+            from them at ``t = 0``.
 
     Example::
 
@@ -222,6 +251,8 @@ class PowerEMACallback(_AveragingCallback):
         checkpoint_weights: str = "raw",
         batch_size: Callable[[Any], int] | None = None,
         sharded_dir: str | os.PathLike | None = None,
+        every_n_steps: int = 1,
+        restart_average: bool = False,
         **options: Any,
     ) -> None:
         sigma_rels, averaged_in = _power_options(
@@ -240,6 +271,8 @@ class PowerEMACallback(_AveragingCallback):
             checkpoint_weights=checkpoint_weights,
             batch_size=batch_size,
             sharded_dir=sharded_dir,
+            every_n_steps=every_n_steps,
+            restart_average=restart_average,
         )
         self.snapshot_every = snapshot_every
         self.snapshot_dir = snapshot_dir
@@ -258,6 +291,12 @@ class PowerEMACallback(_AveragingCallback):
 
     def _averaged_state_dict(self, full: bool) -> dict[str, torch.Tensor]:
         return self.ema.averaged_state_dict(self.evaluate_sigma_rel, full=full)
+
+    def _peer_average_problem(self) -> str:
+        return (
+            "the power profiles cannot be recovered from one exponential average: resume with "
+            "EMACallback(schedule=emakit.migrate.schedule('lightning', decay=...)) to continue it"
+        )
 
     def _snapshot_dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.snapshot_dir or Path(trainer.default_root_dir) / "phema")

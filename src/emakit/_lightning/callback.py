@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import migrate
 from ..ema import EMA
 from ..power import PowerEMA
-from .checkpoints import _CheckpointingCallback
+from .checkpoints import _CheckpointingCallback, _PeerAverage
 from .pl import extract_batch_size, pl
 
 TIMES = ("steps", "samples")
@@ -27,6 +28,44 @@ CHECKPOINT_WEIGHTS = ("raw", "averaged")
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
+
+
+def _check_arguments(
+    owner: str,
+    *,
+    time: str,
+    averaged_in: Iterable[str],
+    checkpoint_weights: str,
+    batch_size: Callable[[Any], int] | None,
+    every_n_steps: int,
+    restart_average: bool,
+) -> tuple[str, ...]:
+    """The callbacks' own argument checks (raising naming ``owner``); returns ``averaged_in`` as a tuple."""
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(
+            f"{owner}: every_n_steps must be an int >= 1 (optimizer steps per update), got "
+            f"every_n_steps={every_n_steps!r}"
+        )
+    if not isinstance(restart_average, bool):
+        raise TypeError(f"{owner}: restart_average must be True or False, got restart_average={restart_average!r}")
+    if time not in TIMES:
+        raise ValueError(f"{owner}: time must be one of {TIMES}, got time={time!r}")
+    if isinstance(averaged_in, str):
+        averaged_in = (averaged_in,)
+    averaged_in = tuple(averaged_in)
+    unknown = [s for s in averaged_in if s not in STAGES]
+    if unknown:
+        raise ValueError(f"{owner}: averaged_in must hold stages among {STAGES}, got averaged_in={averaged_in!r}")
+    if checkpoint_weights not in CHECKPOINT_WEIGHTS:
+        raise ValueError(
+            f"{owner}: checkpoint_weights must be one of {CHECKPOINT_WEIGHTS}, got "
+            f"checkpoint_weights={checkpoint_weights!r}"
+        )
+    if batch_size is not None and not callable(batch_size):
+        raise TypeError(f"{owner}: batch_size must be a callable batch -> int, got batch_size={batch_size!r}")
+    if batch_size is not None and time != "samples":
+        raise ValueError(f"{owner}: batch_size= counts samples; it needs time='samples', got time={time!r}")
+    return averaged_in
 
 
 class _AveragingCallback(_CheckpointingCallback):
@@ -41,25 +80,19 @@ class _AveragingCallback(_CheckpointingCallback):
         checkpoint_weights: str,
         batch_size: Callable[[Any], int] | None,
         sharded_dir: str | os.PathLike | None,
+        every_n_steps: int = 1,
+        restart_average: bool = False,
     ) -> None:
         owner = type(self).__name__
-        if time not in TIMES:
-            raise ValueError(f"{owner}: time must be one of {TIMES}, got time={time!r}")
-        if isinstance(averaged_in, str):
-            averaged_in = (averaged_in,)
-        averaged_in = tuple(averaged_in)
-        unknown = [s for s in averaged_in if s not in STAGES]
-        if unknown:
-            raise ValueError(f"{owner}: averaged_in must hold stages among {STAGES}, got averaged_in={averaged_in!r}")
-        if checkpoint_weights not in CHECKPOINT_WEIGHTS:
-            raise ValueError(
-                f"{owner}: checkpoint_weights must be one of {CHECKPOINT_WEIGHTS}, got "
-                f"checkpoint_weights={checkpoint_weights!r}"
-            )
-        if batch_size is not None and not callable(batch_size):
-            raise TypeError(f"{owner}: batch_size must be a callable batch -> int, got batch_size={batch_size!r}")
-        if batch_size is not None and time != "samples":
-            raise ValueError(f"{owner}: batch_size= counts samples; it needs time='samples', got time={time!r}")
+        averaged_in = _check_arguments(
+            owner,
+            time=time,
+            averaged_in=averaged_in,
+            checkpoint_weights=checkpoint_weights,
+            batch_size=batch_size,
+            every_n_steps=every_n_steps,
+            restart_average=restart_average,
+        )
         self._owner = owner
         self._kwargs = averager_kwargs
         self.time = time
@@ -67,6 +100,8 @@ class _AveragingCallback(_CheckpointingCallback):
         self.checkpoint_weights = checkpoint_weights
         self._batch_size = batch_size
         self._sharded_dir = sharded_dir
+        self.every_n_steps = every_n_steps
+        self.restart_average = restart_average
         #: The average (built when fitting starts; None before).
         self.ema: EMA | PowerEMA | None = None
         self._module: nn.Module | None = None
@@ -76,6 +111,9 @@ class _AveragingCallback(_CheckpointingCallback):
         self._steps_taken = 0  # optimizer steps that ran since the last update (post-step hooks)
         self._last_global_step = 0
         self._pending_samples = 0  # this rank's samples since the last optimizer step
+        self._interval_steps = 0  # optimizer steps taken since the last update (every_n_steps)
+        self._interval_dt: float = 0  # the time they make (steps, or samples over all ranks)
+        self._peer: tuple[_PeerAverage, Mapping[str, Any]] | None = None  # a WeightAveraging average to import
         self._swap = contextlib.ExitStack()
 
     # ------------------------------------------------------------------ what subclasses supply
@@ -133,11 +171,54 @@ class _AveragingCallback(_CheckpointingCallback):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._restore(pending)
+        elif self._peer is not None:
+            self._import_peer_average()
 
     def _build_for_evaluation(self, pl_module: pl.LightningModule) -> None:
         """validate/test/predict from a checkpoint with this callback's state: build the average to use it."""
-        if self._pending is not None and (self.ema is None or self._module is not pl_module):
+        waiting = self._pending is not None or self._peer is not None
+        if waiting and (self.ema is None or self._module is not pl_module):
             self._make(pl_module)
+
+    # ------------------------------------------------------------------ a Lightning WeightAveraging checkpoint
+
+    def _peer_average_problem(self) -> str | None:
+        """Why this callback cannot continue a WeightAveraging average (None: it can)."""
+        if self.time == "samples":
+            return (
+                "that average's time is optimizer steps, and this callback counts samples (time='samples'), so the "
+                "samples it was built over are unknown: resume with time='steps' to continue it"
+            )
+        return None
+
+    def _check_peer_average(self, peer: _PeerAverage) -> None:
+        problem = None if self.restart_average else self._peer_average_problem()
+        if problem is not None:
+            raise ValueError(
+                f"{self._owner}: the checkpoint was written with Lightning's {peer.callback} (global_step="
+                f"{peer.step}: its average after {peer.n_averaged} update(s) under 'state_dict', the training weights "
+                f"under 'current_model_state') and holds no state for {self.state_key}; {problem}. Or pass "
+                f"restart_average=True to start this average from the training weights (t=0)"
+            )
+
+    def _adopt_peer_average(self, peer: _PeerAverage, checkpoint: Mapping[str, Any]) -> None:
+        """The model holds the training weights now; take the average over when it exists."""
+        self._peer = (peer, checkpoint)
+        if self.ema is not None:  # strategies that restore after setup (on_fit_start built it already)
+            self._make(self._module)
+
+    def _import_peer_average(self) -> None:
+        (peer, checkpoint), self._peer = self._peer, None
+        if self.restart_average:
+            what = f"starts from the training weights at t=0 (restart_average=True), not from {peer.callback}'s"
+        elif peer.n_averaged == 0:
+            # Lightning had not averaged yet: its 'average' is the copy it made when fitting started.
+            self.ema.t = peer.step
+            what = f"starts from the training weights at t={peer.step} ({peer.callback} had not averaged yet)"
+        else:
+            migrate.load(self.ema, checkpoint, source="lightning", t=peer.step)
+            what = f"continues {peer.callback}'s average (t={peer.step}) from the training weights"
+        pl.utilities.rank_zero_info(f"{self._owner}: a checkpoint of Lightning's {peer.callback}: the average {what}")
 
     # ------------------------------------------------------------------ updates
 
@@ -164,9 +245,14 @@ class _AveragingCallback(_CheckpointingCallback):
             local = torch.tensor(self._pending_samples, dtype=torch.int64, device=trainer.strategy.root_device)
             dt = int(trainer.strategy.reduce(local, reduce_op="sum").item())
         if self._steps_taken and dt > 0:
+            self._interval_steps += self._steps_taken
+            self._interval_dt += dt
+        if self._interval_steps >= self.every_n_steps:
+            # every_n_steps=N: one update per N optimizer steps, over the time they make (dt=N steps).
             t_before = self.ema.t
-            self.ema.update(dt=dt)
+            self.ema.update(dt=self._interval_dt)
             self._after_update(trainer, t_before)
+            self._interval_steps, self._interval_dt = 0, 0
         # A skipped step (GradScaler found inf/NaN) did not happen: its samples are not counted.
         self._steps_taken = 0
         self._pending_samples = 0
@@ -216,3 +302,4 @@ class _AveragingCallback(_CheckpointingCallback):
     def teardown(self, trainer, pl_module, stage):
         self._swap.close()
         self._remove_hooks()
+        self._peer = None  # a WeightAveraging average belongs to the fit that loaded it

@@ -7,16 +7,23 @@ from rank 0 only, which would lose the other ranks' shards. ``checkpoint_weights
 puts the average under the checkpoint's ``state_dict`` and the training weights under
 :data:`RAW_STATE_DICT_KEY`. :func:`prune_sharded_averages` deletes the DCP directories that no
 checkpoint names any more.
+
+A checkpoint written by Lightning's own ``WeightAveraging`` callbacks (``EMAWeightAveraging``) holds
+the *average* under ``state_dict`` and the training weights under ``current_model_state``
+(:func:`_peer_average` recognises it): the model gets the training weights back, and the callback
+imports the average (:mod:`emakit._lightning.callback`) or refuses, never restarting from it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import uuid
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,35 @@ _VERSION = 1
 _SHARDED_NAME = re.compile(r"(ema|powerema)-step=\d+-[0-9a-f]{8}")
 
 
+@dataclass(frozen=True)
+class _PeerAverage:
+    """What a Lightning ``WeightAveraging`` checkpoint holds: its callback, its step, how often it averaged."""
+
+    callback: str  # the callback's state key (its class name: EMAWeightAveraging, or the user's subclass)
+    step: int  # trainer.global_step when the checkpoint was saved
+    n_averaged: int  # the AveragedModel's updates (0: the average is still the copy made when fitting started)
+    raw: Mapping[str, Any]  # the training weights (current_model_state)
+
+
+def _peer_average(checkpoint: Mapping[str, Any]) -> _PeerAverage | None:
+    """The Lightning ``WeightAveraging`` state of ``checkpoint``, or None when it holds none.
+
+    ``WeightAveraging.on_save_checkpoint`` moves the training weights to ``current_model_state``,
+    puts the average under ``state_dict`` and its other state (``n_averaged``) under
+    ``averaging_state``; its callback state is ``{"latest_update_step": ...}``.
+    """
+    raw, extra = checkpoint.get("current_model_state"), checkpoint.get("averaging_state")
+    if not isinstance(raw, Mapping) or not isinstance(extra, Mapping):
+        return None
+    states = checkpoint.get("callbacks")
+    states = states if isinstance(states, Mapping) else {}
+    names = [str(k) for k, v in states.items() if isinstance(v, Mapping) and "latest_update_step" in v]
+    n = extra.get("n_averaged")
+    n_averaged = int(n.item() if isinstance(n, torch.Tensor) else n) if n is not None else 1
+    step = int(checkpoint.get("global_step", 0))
+    return _PeerAverage(names[0] if len(names) == 1 else "WeightAveraging", step, n_averaged, raw)
+
+
 def _plain(name: str) -> str:
     """A state-dict key without ``_orig_mod`` parts (``torch.compile``), as the averages name it."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
@@ -40,14 +76,22 @@ class _CheckpointingCallback(pl.Callback):
     """The checkpoint hooks of :class:`emakit._lightning.callback._AveragingCallback`, which sets what they read.
 
     ``self.ema`` (None before fitting starts), ``self._pending`` (a loaded state waiting for the
-    average), ``self._pending_samples``, ``self._trainer``, ``self._sharded_dir``, ``self._owner``,
-    ``self.checkpoint_weights``, ``self.state_key`` and ``self._averaged_state_dict(full)``.
+    average), ``self._pending_samples``, ``self._interval_steps``, ``self._interval_dt``,
+    ``self._trainer``, ``self._sharded_dir``, ``self._owner``, ``self.checkpoint_weights``,
+    ``self.state_key``, ``self._averaged_state_dict(full)``, and for a Lightning ``WeightAveraging``
+    checkpoint ``self._check_peer_average(peer)`` and ``self._adopt_peer_average(peer, checkpoint)``.
     """
 
     def state_dict(self) -> dict[str, Any]:
         if self.ema is None:
             return dict(self._pending) if self._pending is not None else {}
-        state: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "pending_samples": self._pending_samples}
+        state: dict[str, Any] = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "pending_samples": self._pending_samples,
+            "interval_steps": self._interval_steps,  # every_n_steps: optimizer steps since the last update
+            "interval_dt": self._interval_dt,  # ... and the time they make
+        }
         if self.ema.is_sharded:
             state["dcp"] = self._save_sharded()
         else:
@@ -88,6 +132,8 @@ class _CheckpointingCallback(pl.Callback):
         else:
             self.ema.load(self._find_sharded(state["dcp"]))  # collective
         self._pending_samples = int(state.get("pending_samples", 0))
+        self._interval_steps = int(state.get("interval_steps", 0))
+        self._interval_dt = state.get("interval_dt", 0)
 
     def _find_sharded(self, saved: str) -> Path:
         """The DCP directory a checkpoint names: where it was written, or beside the checkpoint if moved since."""
@@ -116,22 +162,55 @@ class _CheckpointingCallback(pl.Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         states = checkpoint.get("callbacks")
-        if isinstance(states, Mapping) and self.state_key not in states:
+        own = isinstance(states, Mapping) and self.state_key in states
+        peer = _peer_average(checkpoint)
+        if peer is not None and not own:
+            self._check_peer_average(peer)  # raises, before anything changes, where it cannot be continued
+        # Lightning has just loaded checkpoint["state_dict"]; when that is an average, the training
+        # weights are under RAW_STATE_DICT_KEY (ours) or current_model_state (WeightAveraging's):
+        # put them back in the model, which trains on from them.
+        raw = checkpoint.get(RAW_STATE_DICT_KEY)
+        if raw is None and peer is not None:
+            raw = peer.raw
+        if raw is not None:
+            pl_module.load_state_dict(raw, strict=pl_module.strict_loading)
+        if own:
+            return
+        if peer is not None:
+            self._adopt_peer_average(peer, checkpoint)
+        elif isinstance(states, Mapping):
             warnings.warn(
                 f"{self._owner}: the checkpoint holds no state for {self.state_key} (saved by another callback "
                 f"configuration, or before this callback was added); the average starts from the loaded weights",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        # Lightning has just loaded checkpoint["state_dict"]; when that is the average, the
-        # training weights are under RAW_STATE_DICT_KEY: put them back in the model.
-        raw = checkpoint.get(RAW_STATE_DICT_KEY)
-        if raw is not None:
-            pl_module.load_state_dict(raw, strict=pl_module.strict_loading)
+
+
+def _callback_states(path: Path, trust: bool) -> Mapping[str, Any]:
+    """The callback states of one Lightning checkpoint file (or an FSDP2 checkpoint's ``meta.pt``).
+
+    ``torch.load(weights_only=True)`` (tensors and plain containers: what Lightning writes) unless
+    ``trust``; anything beyond that raises before it is built, since unpickling runs code.
+    """
+    try:
+        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"prune_sharded_averages: {str(path)!r} holds objects beyond tensors and plain containers, and "
+            f"unpickling them would run code from the file; nothing was deleted. If you wrote the checkpoints in "
+            f"this directory (or trust whoever did), pass trust=True"
+        ) from e
+    states = loaded.get("callbacks") if isinstance(loaded, Mapping) else None
+    return states if isinstance(states, Mapping) else {}
 
 
 def prune_sharded_averages(
-    checkpoint_dir: str | os.PathLike, *, sharded_dir: str | os.PathLike | None = None, dry_run: bool = False
+    checkpoint_dir: str | os.PathLike,
+    *,
+    sharded_dir: str | os.PathLike | None = None,
+    dry_run: bool = False,
+    trust: bool = False,
 ) -> list[Path]:
     """Delete the sharded averages in ``sharded_dir`` that no checkpoint in ``checkpoint_dir`` names; returns them.
 
@@ -139,8 +218,13 @@ def prune_sharded_averages(
     (``<checkpoint_dir>/emakit/ema-step=<step>-<id>``). Lightning does not know about those
     directories: when ``ModelCheckpoint(save_top_k=k)`` deletes or overwrites a checkpoint, its
     average stays. Run this on one process, e.g. after training or between runs; it reads every
-    ``*.ckpt`` in ``checkpoint_dir`` (files, or FSDP2 checkpoint directories) with pickle (load
-    only your own checkpoints) and deletes only directories named as this module names them.
+    ``*.ckpt`` in ``checkpoint_dir`` (files, or FSDP2 checkpoint directories: their ``meta.pt``)
+    and deletes only directories named as this module names them.
+
+    The checkpoints are read with ``torch.load(weights_only=True)``, which builds tensors and
+    plain containers only (what Lightning writes); a file holding other objects raises before
+    anything is deleted, because unpickling them would run code from the file. ``trust=True``
+    unpickles everything: only for checkpoints you wrote.
 
         prune_sharded_averages("lightning_logs/version_0/checkpoints")
     """
@@ -148,15 +232,16 @@ def prune_sharded_averages(
     sharded_dir = Path(sharded_dir) if sharded_dir is not None else checkpoint_dir / "emakit"
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"prune_sharded_averages: checkpoint_dir={str(checkpoint_dir)!r} is not a directory")
+    if not isinstance(trust, bool):
+        raise TypeError(f"prune_sharded_averages: trust must be True or False, got trust={trust!r}")
     named = set()
-    for ckpt in checkpoint_dir.glob("*.ckpt"):
+    for ckpt in sorted(checkpoint_dir.glob("*.ckpt")):
         meta = ckpt / "meta.pt" if ckpt.is_dir() else ckpt  # FSDP2 (ModelParallelStrategy): a DCP directory
         if not meta.is_file():
             continue
-        states = torch.load(meta, map_location="cpu", mmap=True, weights_only=False).get("callbacks", {})
-        for state in states.values():
+        for state in _callback_states(meta, trust).values():
             if isinstance(state, Mapping) and state.get("format") == _FORMAT and "dcp" in state:
-                named.add(Path(state["dcp"]).name)
+                named.add(Path(str(state["dcp"])).name)
     unnamed = [
         p
         for p in sorted(sharded_dir.iterdir() if sharded_dir.is_dir() else [])
