@@ -27,7 +27,7 @@ import torch
 
 import emakit
 from bench_update import _reset_peak, _status_kib, cpu_ms_medians, make_model
-from emakit import posthoc, schedules, snapshots
+from emakit import posthoc, schedules, snapshots, verify
 
 
 def bench_update(num_tensors: int, numel: int, reps: int) -> None:
@@ -64,44 +64,62 @@ def _wall_median(fn, reps: int) -> float:
 
 
 def _read_all(paths: list[Path]) -> int:
-    n = 0
+    """A plain sequential read of ``paths``, 16 MiB at a time into one buffer (``f.read`` into fresh bytes
+    objects swung between 0.15 and 0.49 s here, with the page faults of new memory)."""
+    n, buf = 0, bytearray(1 << 24)
     for p in paths:
         with open(p, "rb", buffering=0) as f:
-            while chunk := f.read(1 << 24):
-                n += len(chunk)
+            while got := f.readinto(buf):
+                n += got
     return n
+
+
+def reconstruct_ratios(num_tensors: int, numel: int, num_snapshots: int, reps: int, directory: Path) -> dict:
+    """Wall-time medians of a plain read, ``reconstruct`` and ``verify`` of the same files, interleaved rep by rep."""
+    model = make_model(num_tensors, numel, torch.float32)
+    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
+    for _ in range(num_snapshots):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        pema.update(dt=100)
+        pema.save_snapshot(directory)
+    paths = snapshots.snapshot_paths(directory)
+    infos = posthoc.list_snapshots(directory)
+    steps = {
+        "read": lambda: _read_all(paths),
+        "reconstruct": lambda: posthoc.reconstruct(infos, sigma_rel=0.08, progress=False),
+        "verify": lambda: verify.verify([directory]),
+    }
+    _read_all(paths)  # warm the page cache
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"nbytes": sum(p.stat().st_size for p in paths), "seconds": med, "algorithm": infos[0].checksum_algorithm,
+            "reconstruct": med["read"] / med["reconstruct"], "verify": med["read"] / med["verify"]}  # fmt: skip
 
 
 def bench_reconstruct(num_tensors: int, numel: int, num_snapshots: int, reps: int) -> None:
     total = num_tensors * numel
-    model = make_model(num_tensors, numel, torch.float32)
-    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        for _ in range(num_snapshots):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.01)
-            pema.update(dt=100)
-            pema.save_snapshot(directory)
-        paths = snapshots.snapshot_paths(directory)
-        nbytes = sum(p.stat().st_size for p in paths)
+        r = reconstruct_ratios(num_tensors, numel, num_snapshots, reps, directory)
+        nbytes, sec = r["nbytes"], r["seconds"]
         print(
             f"\n### reconstruct: {num_snapshots} snapshots x 2 profiles x {total / 1e6:.1f}M params "
-            f"= {nbytes / 2**30:.2f} GiB (page cache)\n"
+            f"= {nbytes / 2**30:.2f} GiB (page cache, checksums {r['algorithm']}, {_checksum_threads()} "
+            f"checksum threads)\n"
         )
-        _read_all(paths)  # warm the page cache
-        read_s = _wall_median(lambda: _read_all(paths), reps)
-        infos = posthoc.list_snapshots(directory)
-        recon_s = _wall_median(lambda: posthoc.reconstruct(infos, sigma_rel=0.08, progress=False), reps)
         print("| step | seconds | GiB/s | vs plain read |")
         print("|---|---:|---:|---:|")
-        print(f"| plain sequential read of the files | {read_s:.3f} | {nbytes / read_s / 2**30:.2f} | 1.00 |")
-        print(
-            f"| posthoc.reconstruct, one length | {recon_s:.3f} | {nbytes / recon_s / 2**30:.2f} | "
-            f"{read_s / recon_s:.2f} |"
-        )
-
+        for name, label in (("read", "plain sequential read of the files"), ("reconstruct",
+                            "posthoc.reconstruct, one length"), ("verify", "emakit verify of the directory")):  # fmt: skip
+            print(f"| {label} | {sec[name]:.3f} | {nbytes / sec[name] / 2**30:.2f} | {sec['read'] / sec[name]:.2f} |")
+        infos = posthoc.list_snapshots(directory)
         out_mib = total * 4 / 2**20
         print(f"\nresident memory added by reconstruct (one output = {out_mib:.1f} MiB):\n")
         print("| snapshots used | peak extra MiB |")
@@ -116,6 +134,12 @@ def bench_reconstruct(num_tensors: int, numel: int, num_snapshots: int, reps: in
             peak = (_status_kib("VmHWM") - before) / 1024
             del sd
             print(f"| {count} | {peak:.1f} |")
+
+
+def _checksum_threads() -> int:
+    from emakit._files import checksums
+
+    return checksums.pool()._max_workers
 
 
 def main(argv: list[str] | None = None) -> None:

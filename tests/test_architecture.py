@@ -22,7 +22,9 @@ LAYERS: dict[str, int] = {
     "_engine.model": 0,
     "_engine.clock": 0,
     "_files.atomic": 0,
+    "_files.limits": 0,
     "_files.compact": 0,
+    "_files.checksums": 0,
     "_posthoc.profiles": 0,
     "_peers.reading": 0,
     "_peers.formats": 1,
@@ -33,6 +35,7 @@ LAYERS: dict[str, int] = {
     "_files.dcp": 1,
     "_files.header": 1,
     "_files.shards": 2,
+    "_files.read_ahead": 2,
     "_files.snapshot_read": 3,
     "_files.snapshot_write": 4,
     "snapshots": 5,
@@ -52,7 +55,8 @@ LAYERS: dict[str, int] = {
     "power": 6,
     # other libraries' rules, formats and options
     "_peers.schedules": 1,
-    "_peers.checkpoints": 2,
+    "_peers.trainers": 2,
+    "_peers.checkpoints": 3,
     "_peers.options": 2,
     "migrate": 6,
     # post-hoc EMA: from snapshots (solve, stream, shard reader), from raw checkpoints, the sweep

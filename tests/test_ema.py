@@ -592,3 +592,153 @@ def test_the_averager_options_are_said_once_and_documented():
         emakit.EMA(torch.nn.Linear(2, 2), 0.9, bufers="copy")
     with pytest.raises(ValueError, match=r"PowerEMA: buffers must be one of \('average', 'copy'\), got buffers='x'"):
         emakit.PowerEMA(torch.nn.Linear(2, 2), buffers="x")
+
+
+# --------------------------------------------------------------------------- the last decay, reset, resume
+
+
+def test_decay_is_the_last_updates_decay_and_none_before():
+    model = Net()
+    ema = emakit.EMA(model, schedule=schedules.warmup(power=2 / 3, max_decay=0.999))
+    assert ema.decay is None
+    t = 0
+    for dt in (1, 1, 3, 2):  # gradient accumulation: updates every few steps
+        perturb_(model)
+        t += dt
+        returned = ema.update(dt=dt)
+        expected = math.prod(min(0.999, 1 - (1 + s) ** (-2 / 3)) for s in range(t - dt, t))
+        assert ema.decay == returned
+        assert ema.decay == pytest.approx(expected, rel=1e-12)
+    pema = emakit.PowerEMA(model, gammas=(1.0, 5.0))
+    assert pema.decay is None
+    pema.update()
+    pema.update()
+    assert pema.decay == pytest.approx(((1 - 1 / 2) ** 2, (1 - 1 / 2) ** 6), rel=1e-12)
+
+
+def test_reset_recopies_the_model_and_restarts_time():
+    torch.manual_seed(0)
+    model = Net()
+    ema = emakit.EMA(model, schedule=schedules.warmup(power=3 / 4))
+    for _ in range(4):
+        perturb_(model)
+        ema.update()
+    perturb_(model)
+    ema.reset()
+    assert (ema.t, ema.num_updates, ema.num_skipped, ema.decay) == (0, 0, 0, None)
+    for name, value in ema.averaged_state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+    fresh = emakit.EMA(model, schedule=schedules.warmup(power=3 / 4))  # what reset() must equal
+    for _ in range(3):
+        perturb_(model)
+        assert ema.update() == fresh.update()
+    for name, value in fresh.state_dict()["averages"][0].items():
+        assert torch.equal(ema.state_dict()["averages"][0][name], value), name
+    pema = emakit.PowerEMA(model, gammas=(1.0, 5.0))
+    pema.update()
+    perturb_(model)
+    pema.reset()
+    for sigma_rel in pema.sigma_rels:
+        for name, value in pema.averaged_state_dict(sigma_rel).items():
+            assert torch.equal(value, model.state_dict()[name]), name
+    with pema.swapped(pema.sigma_rels[0]), pytest.raises(RuntimeError, match="inside swapped"):
+        pema.reset()
+
+
+def test_resume_inference_loads_the_models_own_weights_at_t0_under_warmup():
+    # k-diffusion's --resume-inference: one file into the model and into its EMA, time 0, warm-up restarts.
+    torch.manual_seed(0)
+    model = Net()
+    ckpt = {k: v + 0.5 if v.is_floating_point() else v for k, v in Net().state_dict().items()}
+    model.load_state_dict(ckpt)
+    ema = emakit.EMA(model, schedule=schedules.warmup(power=2 / 3, max_decay=0.9999))
+    ema.load_averaged_state_dict(ckpt)
+    assert ema.t == 0
+    ref = {k: v.double() for k, v in ckpt.items() if v.is_floating_point()}
+    for step in range(3):
+        perturb_(model)
+        ema.update()
+        d = min(0.9999, 1 - (1 + step) ** (-2 / 3))  # k-diffusion's EMAWarmup at its step count
+        ref = {k: d * ref[k] + (1 - d) * v.double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    got = ema.averaged_state_dict(dtype="average")
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name].double(), value, rtol=1e-6, atol=1e-7)
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt.items()}  # not the model's weights
+    with pytest.raises(ValueError, match="next update has decay 0"):
+        emakit.EMA(model, schedule=schedules.warmup()).load_averaged_state_dict(other)
+
+
+# --------------------------------------------------------------------------- settings and precision
+
+
+def my_schedule(t, dt):  # a hand-written schedule, as a training script defines it
+    return 0.9
+
+
+def test_a_hand_written_schedule_reloads_without_a_settings_warning_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "ema.pt"
+    code = (
+        "import torch, emakit\n"
+        "def my_schedule(t, dt):\n    return 0.9\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "e = emakit.EMA(m, schedule=my_schedule); e.update()\n"
+        f"torch.save(e.state_dict(), {str(path)!r})\n"
+        "print(e._config()['schedule'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "0x" not in out.stdout
+    ema = emakit.EMA(nn.Linear(2, 2), schedule=my_schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema.load_state_dict(torch.load(path, weights_only=True))
+        old = torch.load(path, weights_only=True)
+        old["config"]["schedule"] = "<function my_schedule at 0x7f3a2b1c9d30>"  # as emakit 0.1 wrote it
+        ema.load_state_dict(old)
+    with pytest.warns(UserWarning, match="saved with other settings"):  # a real difference still warns
+        emakit.EMA(nn.Linear(2, 2), decay=0.5).load_state_dict(torch.load(path, weights_only=True))
+
+
+def test_averaged_state_dict_casts_to_a_given_dtype():
+    model = Net().half()
+    ema = emakit.EMA(model, decay=0.5)
+    perturb_(model)
+    ema.update()
+    average = ema.averaged_state_dict(dtype="average")
+    as64 = ema.averaged_state_dict(dtype=torch.float64)
+    for name, value in average.items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32 and as64[name].dtype == torch.float64
+            assert torch.equal(as64[name], value.double())
+    assert ema.averaged_state_dict()["head.weight"].dtype == torch.float16
+    with pytest.raises(ValueError, match=r"'model', 'average' or a floating torch.dtype, got torch.int32"):
+        ema.averaged_state_dict(dtype=torch.int32)
+
+
+def test_fp16_model_with_fp32_master_weights_averages_the_masters():
+    # guided-diffusion style: the optimizer steps fp32 master weights, the fp16 model gets a rounded copy.
+    torch.manual_seed(0)
+    master = Net()
+    model = copy.deepcopy(master).half()
+    ema_master = emakit.EMA(master, decay=0.99)
+    ema_fp16 = emakit.EMA(model, decay=0.99)
+    ref = {k: v.double() for k, v in master.state_dict().items() if v.is_floating_point()}
+    for _ in range(50):
+        perturb_(master, scale=1e-3)  # steps below fp16's resolution near 1 partly vanish in the model
+        model.load_state_dict(master.state_dict())
+        ema_master.update()
+        ema_fp16.update()
+        ref = {k: 0.99 * ref[k] + 0.01 * v.double() for k, v in master.state_dict().items() if v.is_floating_point()}
+    from_master = ema_master.averaged_state_dict(dtype="average")
+    from_fp16 = ema_fp16.averaged_state_dict(dtype="average")
+    err_master = max((from_master[k].double() - v).abs().max().item() for k, v in ref.items())
+    err_fp16 = max((from_fp16[k].double() - v).abs().max().item() for k, v in ref.items())
+    assert err_master < 1e-6 < err_fp16 and err_fp16 > 20 * err_master
+    # Resume without loss: the fp32 averages round-trip exactly; dtype="model" of the fp16 model would round.
+    resumed = emakit.EMA(master, decay=0.99)
+    resumed.load_averaged_state_dict(from_master, t=ema_master.t)
+    for name, value in resumed.averaged_state_dict(dtype="average").items():
+        assert torch.equal(value, from_master[name]), name
+    assert ema_fp16.averaged_state_dict()["head.weight"].dtype == torch.float16

@@ -195,3 +195,42 @@ def test_heavy_tailed_deltas_get_the_finer_rms_step_and_decode_within_half_a_ste
     sparse[0] = 1e6
     payload, scale, decoded = _encoding.encode_delta(sparse, torch.zeros(1000))
     assert float((decoded.double() - sparse).abs().max()) <= scale / 2 + 1e6 * 2**-23
+
+
+def _bomb_payload(kind: str, nbytes: int) -> bytes:
+    if kind == "zstd":
+        zstandard = pytest.importorskip("zstandard")
+        return zstandard.ZstdCompressor(level=19).compress(bytes(nbytes))
+    import zlib
+
+    return zlib.compress(bytes(nbytes), 9)
+
+
+@pytest.mark.parametrize("kind", ["zlib", "zstd"])
+@pytest.mark.parametrize("profile", [0, 1])
+def test_a_payload_that_inflates_past_its_tensor_is_refused_without_inflating_it(tmp_path, kind, profile):
+    # A crafted file: its header checksums redone, a payload of 256 MiB of zeros for a 4000-element tensor.
+    import tracemalloc
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from emakit._files import checksums
+
+    _walk(tmp_path, steps=40, every=10, formats=(("compact", {"encoding": "compact"}),))
+    path = snapshots.snapshot_paths(tmp_path / "compact")[-1 if profile else 0]  # a delta, the keyframe
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["avg.0/weight"] = torch.frombuffer(bytearray(_bomb_payload(kind, 256 << 20)), dtype=torch.uint8)
+    algorithm = meta.get("checksum_algorithm", "crc32")
+    meta["checksums"] = json.dumps({k: checksums.hex_digest(v, algorithm) for k, v in tensors.items()})
+    save_file(tensors, str(path), metadata=meta)
+    tracemalloc.start()
+    try:
+        with pytest.raises(snapshots.SnapshotError, match=rf"{path.name}: compact tensor 'avg.0/weight' cannot be"):
+            posthoc.reconstruct(tmp_path / "compact", sigma_rel=0.1, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, peak  # the payload and a tensor's worth, not 256 MiB
+    assert _encoding.decode_keyframe(_encoding.encode_keyframe(torch.ones(5)), (5,)).tolist() == [1.0] * 5

@@ -21,7 +21,7 @@ def run_example(name: str, *args: str) -> str:
         [sys.executable, str(ROOT / "examples" / name), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a hang guard (a loaded machine is slow, not stuck)
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     elapsed = time.perf_counter() - start

@@ -111,3 +111,39 @@ def test_this_version_still_computes_the_v1_numbers():
         for g, w in zip([*got["averages"], got["copies"]], [*want["averages"], want["copies"]]):
             for name in w:
                 assert_close(g[name], w[name], rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- files with CRC-32 checksums
+
+CRC32 = FIXTURES / "crc32"
+
+
+def test_crc32_fixtures_verify_and_read_bit_for_bit():
+    # Written before CRC-32C (tests/fixtures/make_crc32.py): every kind of file still verifies.
+    stored = torch.load(CRC32 / "state.pt", weights_only=True)
+    paths = [CRC32 / "phema", CRC32 / "compact", *sorted((CRC32 / "sharded").iterdir()), CRC32 / "ema.dcp"]
+    assert emakit.verify.verify(paths, trust=True) == []
+    for path in [*snapshots.snapshot_paths(CRC32 / "phema"), *(CRC32 / "sharded").iterdir()]:
+        info = snapshots.read_info(path)
+        assert info.checksum_algorithm == "crc32" and (info.sharded or info.checksums is not None)
+        reader = snapshots.open_tensors(info)
+        try:
+            if info.t == 12:
+                for j in range(info.num_profiles):
+                    for name in info.averaged:
+                        assert torch.equal(reader.get(f"avg.{j}/{name}"), stored["power"]["averages"][j][name])
+        finally:
+            reader.close()
+    _, ema, _ = _fresh()
+    ema.load(CRC32 / "ema.dcp")
+    _assert_same_state(ema.state_dict(), stored["ema"])
+
+
+def test_crc32_compact_chain_decodes_to_what_it_decoded_to_when_written():
+    # zlib payloads (a keyframe and two deltas): the same values, bit for bit, as right after writing.
+    stored = torch.load(CRC32 / "state.pt", weights_only=True)["decoded"]
+    for step in (4, 8, 12):
+        infos = [i for i in posthoc.list_snapshots(CRC32 / "compact") if i.t <= step]
+        got = posthoc.reconstruct(infos, sigma_rel=0.10, progress=False)
+        for name, value in stored[f"compact/{step}"].items():
+            assert torch.equal(got[name], value), (step, name)

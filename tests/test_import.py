@@ -63,3 +63,16 @@ def test_cli_entry_points():
     for argv in ([sys.executable, "-m", "emakit", "--version"],):
         out = subprocess.run(argv, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == f"emakit {emakit.__version__}"
+
+
+def test_submodules_are_attributes_loaded_on_first_use():
+    # The docs write emakit.migrate.load(...) after a bare `import emakit`; that must neither fail nor load
+    # migrate (or any optional dependency) before it is used.
+    code = (
+        "import sys, emakit\n"
+        "lazy = [m for m in ('emakit.migrate', 'emakit.planning', 'emakit.verify') if m in sys.modules]\n"
+        "print(lazy, callable(emakit.migrate.load), callable(emakit.planning.plan), 'verify' in dir(emakit))\n"
+        "try:\n    emakit.no_such_thing\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[] True True True", "module 'emakit' has no attribute 'no_such_thing'"]

@@ -160,6 +160,46 @@ class LightningReplay:
         return 1.0
 
 
+class ComposerReplay:
+    """Composer's EMA algorithm (composer/algorithms/ema/ema.py, the EMAParameters form of 0.13 and later).
+
+    ``match()`` at BATCH_END, where ``timestamp.batch`` already counts this batch: if not started
+    and ``ema_start <= batch`` (``'0.0dur'``: from the first batch), re-create the EMA as a copy
+    of the model; once started, ``apply()`` only when ``batch % update_interval == 0``, with
+    ``smoothing = 2 ** (-(update_interval / half_life))``. A copy followed by an update in the
+    same event is still the model: decay 0.
+    """
+
+    def __init__(self, half_life="1000ba", smoothing=None, ema_start="0.0dur", update_interval=None):
+        interval = int((update_interval or "1ba")[:-2])
+        self.interval = interval
+        self.smoothing = 2 ** (-(interval / int(half_life[:-2]))) if smoothing is None else smoothing
+        self.start = 0 if ema_start.endswith("dur") else int(ema_start[:-2])
+        self.batch, self.started = 0, False
+
+    def update(self):
+        self.batch += 1
+        copied = False
+        if not self.started and self.start <= self.batch:
+            self.started = copied = True
+        if self.started and self.batch % self.interval == 0:
+            return 0.0 if copied else self.smoothing
+        return 0.0 if copied else 1.0
+
+
+class NeMoReplay:
+    """NeMo's EMAOptimizer.step (nemo/collections/common/callbacks/ema.py): the wrapped optimizer steps,
+    then ``update()`` if ``current_step % every_n_steps == 0``, then ``current_step += 1``; no copy."""
+
+    def __init__(self, decay, every_n_steps=1):
+        self.decay, self.every, self.current_step = decay, every_n_steps, 0
+
+    def update(self):
+        d = self.decay if self.current_step % self.every == 0 else 1.0
+        self.current_step += 1
+        return d
+
+
 def replay(peer_replay, steps=STEPS):
     return [peer_replay.update() for _ in range(steps)]
 
@@ -215,6 +255,13 @@ CASES = [
     ("lightning", LightningReplay, {"decay": 0.99, "update_starting_at_step": 100}),
     ("lightning", LightningReplay, {"decay": 0.99, "update_every_n_steps": 10, "update_starting_at_step": 95}),
     ("lightning", LightningReplay, {"decay": 0.99, "update_every_n_steps": 4, "update_starting_at_step": 0}),
+    ("composer", ComposerReplay, {}),
+    ("composer", ComposerReplay, {"half_life": "10ba", "update_interval": "3ba"}),
+    ("composer", ComposerReplay, {"half_life": "50ba", "update_interval": "4ba", "ema_start": "30ba"}),
+    ("composer", ComposerReplay, {"half_life": "7ba", "update_interval": "5ba", "ema_start": "32ba"}),  # 32 % 5 != 0
+    ("composer", ComposerReplay, {"half_life": None, "smoothing": 0.9, "ema_start": "1ba"}),
+    ("nemo", NeMoReplay, {"decay": 0.999}),
+    ("nemo", NeMoReplay, {"decay": 0.9, "every_n_steps": 4}),
 ]
 
 
@@ -377,6 +424,9 @@ EMA_CASES = [
     ("lightning", {"decay": 0.95, "update_every_n_steps": 4, "update_starting_at_step": 30},
      LightningReplay(0.95, 4, 30), PARAMS + FLOAT_BUFFERS, ()),
     ("lightning", {"decay": 0.95, "use_buffers": False}, LightningReplay(0.95), PARAMS, FLOAT_BUFFERS),
+    ("composer", {"half_life": "10ba", "update_interval": "3ba", "ema_start": "20ba"},
+     ComposerReplay("10ba", update_interval="3ba", ema_start="20ba"), PARAMS + FLOAT_BUFFERS, ()),
+    ("nemo", {"decay": 0.95, "every_n_steps": 3}, NeMoReplay(0.95, 3), PARAMS, ()),
 ]  # fmt: skip
 
 
@@ -509,6 +559,8 @@ def test_peers_lists_every_known_peer():
         "averaged_model",
         "torch_ema",
         "lightning",
+        "composer",
+        "nemo",
     )
     assert "load" in migrate.__all__
 
@@ -631,3 +683,75 @@ def test_peer_time_counts_whole_steps():
     ema = EMA(small_model(), schedule=s)
     with pytest.raises(ValueError, match="whole numbers"):
         ema.update(dt=0.5)
+
+
+# --------------------------------------------------------------------------- Composer and NeMo, tensor for tensor
+
+
+def _composer_step(ema_values, model, smoothing):
+    """composer.algorithms.ema.compute_ema on EMAParameters: ``ema.copy_(ema * s + param * (1 - s))``."""
+    for name, value in model.state_dict().items():
+        if name in ema_values:
+            ema_values[name].copy_(ema_values[name] * smoothing + value * (1.0 - smoothing))
+
+
+def _nemo_step(ema_values, model, decay):
+    """NeMo's ema_update: ``torch._foreach_mul_(ema, decay)``, ``torch._foreach_add_(ema, params, alpha=1 - decay)``."""
+    names = [n for n, _ in model.named_parameters()]
+    ema = [ema_values[n] for n in names]
+    torch._foreach_mul_(ema, decay)
+    torch._foreach_add_(ema, [p.detach() for p in model.parameters()], alpha=1.0 - decay)
+
+
+@pytest.mark.parametrize("peer", ["composer", "nemo"])
+def test_float32_averages_match_the_peers_arithmetic(peer):
+    """The peer's own update (float32, as it runs) against emakit's: equal to float32 rounding (<= 1e-6)."""
+    model = small_model().float()
+    if peer == "composer":
+        kwargs = {"half_life": "6ba", "update_interval": "2ba", "ema_start": "9ba"}
+        decays = ComposerReplay(**kwargs)
+        averaged = PARAMS + FLOAT_BUFFERS
+    else:
+        kwargs = {"decay": 0.9, "every_n_steps": 2}
+        decays = NeMoReplay(**kwargs)
+        averaged = PARAMS
+    ema = migrate.ema_like(peer, model, **kwargs)
+    peer_avg = {n: v.detach().clone() for n, v in model.state_dict().items() if n in averaged}
+    for _ in range(40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            model.train()
+            model(torch.randn(8, 3))
+        d = decays.update()
+        if d == 0.0:  # Composer's start: a fresh copy (then an update of a copy by itself)
+            peer_avg = {n: v.detach().clone() for n, v in model.state_dict().items() if n in averaged}
+        elif d != 1.0:
+            (_composer_step if peer == "composer" else _nemo_step)(peer_avg, model, d)
+        ema.update()
+    got = ema.averaged_state_dict()
+    for name in averaged:
+        assert_close(got[name], peer_avg[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_composer_and_nemo_arguments_are_checked_by_name():
+    cases = [
+        ({"half_life": "10ba", "smoothing": 0.9}, ValueError, "exactly one of half_life or smoothing"),
+        ({"smoothing": 0.9}, ValueError, "pass half_life=None with smoothing"),
+        ({"half_life": "10ba", "update_interval": "1ep"}, ValueError, "in half_life's unit"),
+        ({"half_life": "10"}, ValueError, r"half_life must be a Composer time string .* got half_life='10'"),
+        ({"half_life": "10ba", "ema_start": "0.5dur"}, ValueError, "needs the run's length"),
+        ({"half_life": None, "smoothing": 1.5}, ValueError, r"smoothing must be in \[0, 1\]"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            migrate.schedule("composer", **kwargs)
+    with pytest.raises(TypeError, match=r"decay is required \(NeMo's EMA callback has no default\)"):
+        migrate.schedule("nemo")
+    with pytest.raises(TypeError, match="every_n_steps must be an int"):
+        migrate.schedule("nemo", decay=0.9, every_n_steps=1.5)
+    epochs = migrate.schedule("composer", half_life="2ep")  # epochs: t counts epochs, the same rule
+    assert [epochs(t=n, dt=1) for n in (1, 2, 3)] == [0.0, 2**-0.5, 2**-0.5]
+    model = small_model()
+    assert migrate.ema_like("nemo", model, decay=0.9, cpu_offload=True)._device == torch.device("cpu")
+    assert set(FLOAT_BUFFERS) <= set(migrate.ema_like("nemo", model, decay=0.9)._spec.live)  # parameters only

@@ -155,3 +155,60 @@ def test_module_view_benchmark_runs_at_tiny_scale():
     )
     assert out.returncode == 0, out.stderr
     assert "emakit averaged_module()(x)" in out.stdout and "no tensor" in out.stdout
+
+
+# --------------------------------------------------------------------------- refusals: no drift, no writes
+
+
+def _trained_view():
+    torch.manual_seed(0)
+    model = Net()
+    ema = emakit.EMA(model, decay=0.7)
+    train(model, ema, steps=3)
+    return model, ema, ema.averaged_module()
+
+
+def _averages(ema):
+    return {k: v.clone() for k, v in ema.state_dict()["averages"][0].items()}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda v: v.half(), lambda v: v.to(torch.float64), lambda v: v.bfloat16(), lambda v: v.to_empty(device="cpu")],
+    ids=["half", "to(float64)", "bfloat16", "to_empty"],
+)
+def test_view_refuses_casts_that_would_stop_following_the_averages(call):
+    model, ema, view = _trained_view()
+    before = _averages(ema)
+    with pytest.raises(RuntimeError, match="refuses a cast or move.*ema.to"):
+        call(view)
+    assert all(p.dtype == torch.float32 for p in view.parameters())
+    train(model, ema, steps=1)  # the view still follows the averages
+    assert_close(view.head.weight, ema.averaged_state_dict()["head.weight"], rtol=0, atol=0)
+    assert not torch.equal(ema.averaged_state_dict()["head.weight"], before["head.weight"])
+
+
+def test_view_allows_moves_and_casts_that_change_nothing():
+    _, ema, view = _trained_view()
+    ptrs = tensor_ptrs(view)
+    assert view.to("cpu") is view and view.float() is view and view.to(torch.float32) is view
+    assert view.eval() is view
+    assert tensor_ptrs(view) == ptrs
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda v: v.load_state_dict({k: torch.zeros_like(t) for k, t in v.state_dict().items()}),
+        lambda v: v.apply(lambda m: [torch.nn.init.zeros_(p) for p in m.parameters(recurse=False)]),
+        lambda v: v.head.load_state_dict({k: torch.zeros_like(t) for k, t in v.head.state_dict().items()}),
+    ],
+    ids=["load_state_dict", "apply", "submodule.load_state_dict"],
+)
+def test_view_refuses_writes_into_the_averages(call):
+    _, ema, view = _trained_view()
+    before = _averages(ema)
+    with pytest.raises(RuntimeError, match=r"would write into the averages.*load_averaged_state_dict"):
+        call(view)
+    for name, value in _averages(ema).items():
+        assert torch.equal(value, before[name]), name

@@ -184,8 +184,10 @@ def lightning_checkpoint(model, ema_values, global_step=20, latest=20):
 # --------------------------------------------------------------------------- each format loads
 
 
-def test_sources_are_the_six_formats():
-    assert SOURCES == ("timm", "diffusers", "ema_pytorch", "averaged_model", "torch_ema", "lightning")
+def test_sources_are_the_eight_formats():
+    assert SOURCES == (
+        "timm", "diffusers", "ema_pytorch", "averaged_model", "torch_ema", "lightning", "composer", "nemo"
+    )  # fmt: skip
 
 
 @both
@@ -597,3 +599,117 @@ def test_load_inside_swapped_is_refused():
         with pytest.raises(RuntimeError, match="inside swapped"):
             load(ema, averaged_model_state(values(model)))
     assert_unchanged(ema, before)
+
+
+# --------------------------------------------------------------------------- Composer and NeMo
+
+
+def composer_checkpoint(model, ema_values, batch=40, weights_active=False, algorithms_as="list"):
+    """A Composer Trainer checkpoint with the EMA algorithm (EMAParameters form, Composer >= 0.13).
+
+    At a checkpoint event Composer swaps the average into the model (ema_weights_active=True):
+    then ``state.model`` holds the average and ``ema_model`` the training weights.
+    """
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    training = {k: v.clone() for k, v in model.state_dict().items()}
+    held, in_model = (training, ema_values) if weights_active else (ema_values, training)
+    ema_state = {
+        "repr": "EMA(half_life='1000ba')",
+        "ema_model": {
+            "named_parameters_dict": {n: held[n] for n in trainable},
+            "named_buffers_dict": {n: held[n] for n in BUFFERS},
+        },
+        "ema_weights_active": weights_active,
+        "ema_started": True,
+    }
+    pairs = [("SomeOtherAlgorithm", {"repr": "x"}), ("EMA", ema_state)]
+    import datetime
+
+    state = {
+        "model": in_model,
+        "algorithms": pairs if algorithms_as == "list" else dict(pairs),
+        "timestamp": {"epoch": 1, "batch": batch, "sample": 8 * batch, "batch_in_epoch": 3,
+                      "total_wct": datetime.timedelta(seconds=12.5)},
+        "optimizers": {"SGD": torch.optim.SGD(model.parameters(), lr=0.1).state_dict()},
+    }  # fmt: skip
+    return {"state": state, "rng": [{"torch": torch.get_rng_state()}]}
+
+
+@pytest.mark.parametrize("weights_active", [False, True], ids=["ema_model", "swapped-into-model"])
+@pytest.mark.parametrize("how", ["auto", "explicit"])
+def test_composer_trainer_checkpoint(how, weights_active):
+    model, ema = make()
+    avg = values(model)
+    ckpt = composer_checkpoint(model, avg, weights_active=weights_active)
+    assert quiet_load(ema, ckpt, _source(how, "composer")) == "composer"
+    assert_holds(ema, avg, [n for n in avg if n != "head.bias"])
+    assert ema.t == 40
+
+
+def test_composer_older_state_layouts_and_the_algorithm_alone(tmp_path):
+    model, ema = make()
+    avg = values(model)
+    ckpt = composer_checkpoint(model, avg, batch=7, algorithms_as="dict")  # algorithms as a dict (older Composer)
+    path = tmp_path / "ep1-ba7-rank0.pt"
+    torch.save(ckpt, path)  # the timestamp's timedelta reads back under weights_only
+    assert quiet_load(ema, path, "auto") == "composer" and ema.t == 7
+    assert_holds(ema, avg, TRAINABLE)
+    # Before 0.13 ema_model was the EMA model's state dict, next to training_model.
+    old = values(model, seed=3)
+    algo = {"ema_model": old, "training_model": model.state_dict(), "ema_weights_active": False, "ema_started": True}
+    assert quiet_load(ema, {"state": {"algorithms": [("EMA", algo)], "timestamp": {"batch": 9}}}, "auto") == "composer"
+    assert_holds(ema, old, TRAINABLE)
+    assert ema.t == 9
+    # The algorithm's own state dict holds no time: kept, with a warning.
+    alone = composer_checkpoint(model, avg)["state"]["algorithms"][1][1]
+    with pytest.warns(UserWarning, match="holds no timestamp"):
+        load(ema, alone)
+    assert_holds(ema, avg, TRAINABLE)
+    assert ema.t == 9
+
+
+def test_composer_swapped_in_average_needs_the_model_state():
+    model, ema = make()
+    alone = composer_checkpoint(model, values(model), weights_active=True)["state"]["algorithms"][1][1]
+    fails(ema, alone, ValueError, r"ema_weights_active=True .* pass the whole Trainer checkpoint")
+
+
+def nemo_checkpoint(params: list, current_step=30, every=1, n_optimizers=1):
+    """A Lightning checkpoint written with NeMo's EMA callback: one EMAOptimizer state per optimizer."""
+    chunks = [params[i::n_optimizers] for i in range(n_optimizers)] if n_optimizers == 1 else [params[:2], params[2:]]
+    return {
+        "epoch": 0,
+        "global_step": current_step,
+        "state_dict": {},
+        "optimizer_states": [
+            {"opt": {"state": {}, "param_groups": []}, "ema": tuple(chunk), "current_step": current_step,
+             "decay": 0.999, "every_n_steps": every}
+            for chunk in chunks
+        ],
+    }  # fmt: skip
+
+
+@both
+def test_nemo_ema_optimizer_states(how):
+    model, ema = make()
+    avg = values(model)
+    ckpt = nemo_checkpoint([avg[n] for n in TRAINABLE])
+    with pytest.warns(UserWarning, match="optimizer's parameters only; took 3 buffers from the model"):
+        assert load(ema, ckpt, _source(how, "nemo")) == "nemo"
+    assert_holds(ema, avg, TRAINABLE)
+    assert_buffers_from_model(ema, model)
+    assert ema.t == 30
+
+
+def test_nemo_two_optimizers_in_order_and_steps_that_disagree():
+    model, ema = make()
+    avg = values(model)
+    ckpt = nemo_checkpoint([avg[n] for n in TRAINABLE], current_step=12, n_optimizers=2)  # e.g. a GAN's two
+    with pytest.warns(UserWarning, match="took 3 buffers"):
+        load(ema, ckpt)
+    assert_holds(ema, avg, TRAINABLE)
+    assert ema.t == 12
+    ckpt["optimizer_states"][1]["current_step"] = 11
+    fails(ema, ckpt, ValueError, r"different steps \[11, 12\]")
+    wrong = nemo_checkpoint([avg[n] for n in TRAINABLE][::-1])
+    fails(ema, wrong, ValueError, r"\['optimizer_states'\]\[i\]\['ema'\]\[0\] \(parameter 'fc.weight'\) has shape")

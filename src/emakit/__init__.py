@@ -31,3 +31,20 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+#: Public submodules imported on first access (``emakit.migrate.load(...)`` after ``import emakit``),
+#: so that ``import emakit`` stays light and pulls in no optional dependency.
+_LAZY = ("contiguous", "distributed", "kernels", "lightning", "migrate", "planning", "snapshots", "verify")
+
+
+def __getattr__(name: str):
+    """``emakit.<submodule>`` for the submodules not imported with ``emakit`` (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

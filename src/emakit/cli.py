@@ -181,7 +181,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default=None, help="output directory (default: runs/demo, or runs/demo-2, ... if taken)")
     p.add_argument("--quick", action="store_true", help="about a minute instead of a few")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: OMP_NUM_THREADS, else half the usable CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe config overrides, e.g. steps=4000")
     p.set_defaults(run=cmd_demo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,8 +49,10 @@ class EMA(_Averager):
             Costs one host synchronisation per update.
         locate_nonfinite: mark, on the device, the update that made the average non-finite,
             so that :class:`NonFiniteError` names it exactly (otherwise it names the updates
-            between the last check and now). No host synchronisation; one extra read of the
-            average per update (``benchmarks/bench_update.py``, row ``locate_nonfinite``).
+            between the last check and now). No host synchronisation on an accelerator; each
+            chunk of the average is read again while in cache, elements tested (never a sum
+            alone, which can overflow): 1.17-1.32x an update on a CPU
+            (``benchmarks/bench_update.py``, row ``locate_nonfinite``).
         shard: ``True`` (or a 1-D ``DeviceMesh``) splits the average of a replicated (DDP)
             model across the ranks: each keeps ``1/N`` of it, as DTensors sharded like FSDP2
             would. Sharded models (FSDP2, ZeRO-3) are always averaged shard by shard.
@@ -94,6 +97,17 @@ class EMA(_Averager):
         """The decay schedule, ``f(t, dt) -> decay``."""
         return self._schedules[0]
 
+    @property
+    def decay(self) -> float | None:
+        """The decay of the last :meth:`update` (what it returned): ``average = decay * average + (1 - decay) * weights``.
+
+        ``None`` before this object's first update, and after :meth:`reset` (a loaded
+        checkpoint does not carry it). For logging, as diffusers' ``cur_decay_value``;
+        ``schedule(t, dt)`` gives the decay of any other update. An update skipped by
+        ``skip_nonfinite`` still sets it (the averages did not move).
+        """
+        return None if self._last_decays is None else self._last_decays[0]
+
     def __repr__(self) -> str:
         numel = self._storage.numel
         return (
@@ -117,14 +131,15 @@ class EMA(_Averager):
 
     # ------------------------------------------------------------------ using the average
 
-    def averaged_state_dict(self, *, dtype: str = "model", full: bool = False) -> dict[str, Tensor]:
+    def averaged_state_dict(self, *, dtype: str | torch.dtype = "model", full: bool = False) -> dict[str, Tensor]:
         """The model's full state dict with the averaged values (keys of the plain model).
 
         Averaged and copied tensors come from the EMA, frozen/excluded ones from the model.
         ``dtype="model"`` (default) casts to the model's dtypes, ready for
-        ``model.load_state_dict``; ``dtype="average"`` keeps the EMA's precision. Tensors
-        that need no cast share memory with the EMA: clone them to keep them past the next
-        update.
+        ``model.load_state_dict``; ``dtype="average"`` keeps the EMA's precision (fp32 for
+        an fp16/bf16 model: save this to resume without losing precision); a floating
+        ``torch.dtype`` casts every average to it. Tensors that need no cast share memory
+        with the EMA: clone them to keep them past the next update.
 
         Sharded averages come as DTensors (this rank's shards, ready for ``dcp.save`` or an
         FSDP2 model's ``load_state_dict``). ``full=True`` gathers plain CPU tensors on rank 0
@@ -173,7 +188,12 @@ class EMA(_Averager):
     _format = "emakit.EMA"
 
     def _config(self) -> dict[str, Any]:
-        return {"schedule": repr(self.schedule), **super()._config()}
+        return {"schedule": _describe(self.schedule), **super()._config()}
+
+    def _check_config(self, where: str, stored: Mapping[str, Any]) -> None:
+        if isinstance(stored.get("schedule"), str):  # (saved by emakit 0.1 with memory addresses in it)
+            stored = {**stored, "schedule": _ADDRESS.sub("", stored["schedule"])}
+        super()._check_config(where, stored)
 
     def load_averaged_state_dict(self, state_dict: Mapping[str, Any], *, t: float | None = None) -> None:
         """Load averaged weights from a plain model state dict (e.g. a timm checkpoint).
@@ -186,8 +206,11 @@ class EMA(_Averager):
         Give ``t`` (the time the average was built to, e.g. the other library's step count)
         when the schedule depends on time: an import at ``t=0`` under a warm-up, power or
         ``start_at`` schedule would be wiped by the next update, whose decay is 0 there. That
-        case raises instead, before anything changes; so do missing keys (the error shows the
-        first keys given and expected, and the prefix to strip when that explains them).
+        case raises instead, before anything changes, unless the state dict holds exactly the
+        model's current weights (k-diffusion's ``--resume-inference`` loads one file into the
+        model and its EMA, then restarts the warm-up: the copy loses nothing); so do missing
+        keys (the error shows the first keys given and expected, and the prefix to strip when
+        that explains them).
         """
         where = "EMA.load_averaged_state_dict"
         self._assert_not_swapped("load_averaged_state_dict")
@@ -197,7 +220,6 @@ class EMA(_Averager):
             state_dict = state_dict["state_dict_ema"]
         if t is not None:
             t = check_time(where, t)
-        self._check_import_survives(where, self.t if t is None else t, t is None)
         named = {normalize_name(k): v for k, v in state_dict.items()}
         wanted = [*self._spec.average, *self._spec.copy]
         missing = [n for n in wanted if n not in named]
@@ -206,14 +228,17 @@ class EMA(_Averager):
         averages = {n: named[n] for n in self._spec.average}
         copies = {n: named[n] for n in self._spec.copy}
         self._check_tensor_state(where, averages, copies)
+        self._check_import_survives(where, self.t if t is None else t, t is None, averages)
         self._load_tensors(where, 0, averages, copies)
         if t is not None:
             self.t = t
 
-    def _check_import_survives(self, where: str, t: float, t_missing: bool) -> None:
-        """Raise if the update after an import at time ``t`` has decay 0 (it would replace the import)."""
+    def _check_import_survives(self, where: str, t: float, t_missing: bool, averages: Mapping[str, Tensor]) -> None:
+        """Raise if the update after an import at time ``t`` has decay 0 (it would replace the import),
+        unless the import is the model's own weights (k-diffusion's ``--resume-inference``: the
+        copy then replaces them by the model, as the peer's first update does)."""
         decay = check_decay(self._owner, self.schedule, t + 1, 1)
-        if decay == 0:
+        if decay == 0 and not self._equals_model(averages):
             hint = (
                 "pass t= the time the average was built to (e.g. the other library's step count)"
                 if t_missing
@@ -223,3 +248,22 @@ class EMA(_Averager):
                 f"{where}: at t={t} the next update has decay 0 under {self.schedule!r} (it copies the model), "
                 f"which would replace the imported average; {hint}"
             )
+
+    @torch.no_grad()
+    def _equals_model(self, averages: Mapping[str, Tensor]) -> bool:
+        """Whether every given average equals the model's tensor of that name (in the model's dtype)."""
+        for name, value in averages.items():
+            current = self._slots[name].get()
+            if type(current.detach()) is not Tensor or type(value.detach()) is not Tensor:
+                return False  # sharded (DTensor): not compared
+            if not torch.equal(value.to(current.device, current.dtype), current):
+                return False
+        return True
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(schedule: Any) -> str:
+    """``repr(schedule)`` without memory addresses: the same in every process (checkpoints compare it)."""
+    return _ADDRESS.sub("", repr(schedule))

@@ -14,7 +14,8 @@ Peers (the names :func:`schedule` and :func:`ema_like` take, listed in :data:`PE
 ``"timm"`` (ModelEmaV3), ``"diffusers"`` (EMAModel), ``"ema_pytorch"`` (EMA),
 ``"ema_pytorch_karras"`` (KarrasEMA, also what PostHocEMA tracks), ``"averaged_model"``
 (torch's AveragedModel with ``get_ema_multi_avg_fn``), ``"torch_ema"``
-(ExponentialMovingAverage) and ``"lightning"`` (EMAWeightAveraging).
+(ExponentialMovingAverage), ``"lightning"`` (EMAWeightAveraging), and the training
+frameworks' ``"composer"`` (the EMA algorithm) and ``"nemo"`` (the EMA callback).
 
 Time is the peer's own step counter: ``t = n`` after the peer's ``n``-th step, so the same
 loop gives the same numbers. A peer schedule gives, for an update over ``(t - dt, t]``, the
@@ -37,7 +38,10 @@ from torch import nn
 
 from ._peers.checkpoints import load
 from ._peers.options import _OPTIONS, _option_arguments
-from ._peers.schedules import _RULES, PEERS, PeerSchedule, _rule_arguments
+from ._peers.schedules import PeerSchedule
+from ._peers.trainers import PEERS, REQUIRED
+from ._peers.trainers import RULES as _RULES
+from ._peers.trainers import rule_arguments as _rule_arguments
 from .ema import EMA
 
 __all__ = [
@@ -85,28 +89,27 @@ def schedule(peer: str, /, **peer_kwargs: Any) -> PeerSchedule:
       ``update_every`` calls.
     - ``"ema_pytorch_karras"`` (:class:`EmaPytorchKarrasEMA`): ``sigma_rel`` or ``gamma``,
       ``update_every``. The power decay of one step, one step late, once per ``update_every``.
-    - ``"averaged_model"`` (:class:`AveragedModelEMA`): ``decay``. Copies at the first update.
-    - ``"torch_ema"`` (:class:`TorchEMA`): ``decay`` (required), ``use_num_updates``.
+    - ``"averaged_model"`` (:class:`AveragedModelEMA`): ``decay``, copies at the first update;
+      ``"torch_ema"`` (:class:`TorchEMA`): ``decay`` (required), ``use_num_updates``.
     - ``"lightning"`` (:class:`LightningEMA`): ``decay``, ``update_every_n_steps``,
       ``update_starting_at_step``. Copies at the first update; ``decay`` once per update.
+    - ``"composer"`` (:class:`ComposerEMA`): ``half_life`` or ``smoothing``, ``ema_start``,
+      ``update_interval`` (time strings, ``"1000ba"``). Copies at ``ema_start``.
+      ``"nemo"`` (:class:`NeMoEMA`): ``decay`` (required), ``every_n_steps``. Never copies.
 
-    How to call ``update()`` so the peer's numbers come out: once wherever the peer updated
-    (``ema.update()`` after every optimizer step for timm, diffusers, torch-ema and
-    AveragedModel). For the peers that skip steps (ema-pytorch with ``update_every``,
-    Lightning with ``update_every_n_steps``) either call ``ema.update()`` every step (the
-    skipped steps have decay 1, but each call costs a pass over the weights), or call
-    ``ema.update(t=n)`` only after the steps ``n`` where the peer updates: ``(n - 1) %
-    update_every == 0`` for ema-pytorch, ``n - 1 >= update_starting_at_step`` and ``(n - 1)
-    % update_every_n_steps == 0`` for Lightning.
+    How to call ``update()`` so the peer's numbers come out: ``ema.update()`` after every
+    optimizer step, or, for the peers that skip steps (ema-pytorch, Lightning, Composer,
+    NeMo), ``ema.update(t=n)`` only after the steps ``n`` where ``schedule(t=n, dt=1) != 1``
+    (the same numbers without a pass over the weights at the skipped steps).
 
     Updating every ``k`` steps with ``dt=k`` multiplies the per-step decays: the peer's rule
     stated per step, exact for any interval. That is the dt-correct alternative for timm,
     diffusers, torch-ema and AveragedModel with the same schedule; for ema-pytorch use
     ``schedule("ema_pytorch", ..., update_every=1)`` (equal to
     ``schedules.start_at(update_after_step, schedules.warmup(inv_gamma, power, min_value, beta))``
-    when ``min_value == 0``), for KarrasEMA ``schedules.power(sigma_rel=...)``, for Lightning
-    ``schedule("lightning", decay=d, update_starting_at_step=s0)`` with
-    ``update_every_n_steps=1`` (``s0`` its first update); call those with ``dt=k``.
+    if ``min_value == 0``), for KarrasEMA ``schedules.power(sigma_rel=...)``, for Lightning
+    ``schedule("lightning", decay=d, update_starting_at_step=s0)`` (``s0`` its first update);
+    call those with ``dt=k``.
 
         >>> s = schedule("ema_pytorch", beta=0.999, update_after_step=0, update_every=1)
         >>> s(t=1, dt=1), round(s(t=2, dt=1), 4), round(s(t=3, dt=2), 4)  # 3rd: both steps' decays
@@ -124,8 +127,9 @@ def schedule(peer: str, /, **peer_kwargs: Any) -> PeerSchedule:
                 f"or the matching argument of emakit.EMA"
             )
         raise _unexpected(where, key, name, accepted)
-    if name == "torch_ema" and "decay" not in peer_kwargs:
-        raise TypeError(f"{where}: decay is required (torch-ema's ExponentialMovingAverage has no default)")
+    required = REQUIRED.get(name)
+    if required is not None and required not in peer_kwargs:
+        raise TypeError(f"{where}: {required} is required ({_RULES[name].title} has no default)")
     return _RULES[name](**peer_kwargs)
 
 
@@ -146,6 +150,8 @@ def ema_like(peer: str, model: nn.Module, /, **peer_kwargs: Any) -> EMA:
       ``device`` carries over.
     - ``lightning``: parameters and buffers averaged (``use_buffers=False``: buffers copied);
       ``device`` carries over.
+    - ``composer``: trainable parameters and buffers averaged. ``nemo``: parameters only;
+      ``cpu_offload=True``: ``device="cpu"``; ``validate_original_weights`` is a no-op.
 
     Names excluded in ema-pytorch (``ignore_*``, ``param_or_buffer_names_no_ema``) are read
     from the model (ema-pytorch keeps ignored ones at their last copy and copies the no-EMA
@@ -159,8 +165,8 @@ def ema_like(peer: str, model: nn.Module, /, **peer_kwargs: Any) -> EMA:
     ``update_starting_at_epoch``, bf16 ``dtype`` with timm's stochastic rounding.
 
     Where emakit deliberately differs: integer buffers (``num_batches_tracked``) are copied
-    at every update (timm V3 does so too; AveragedModel/Lightning average and truncate them,
-    ema-pytorch never updates them); a bf16/fp16 model gets fp32 averages; frozen parameters
+    at every update (timm V3 does so too; AveragedModel/Lightning/Composer average and
+    truncate them, ema-pytorch never updates them); a bf16/fp16 model gets fp32 averages; frozen parameters
     are read from the model (peers that average them get the same values while they stay
     frozen).
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from . import schedules
 from ._planning.fit import _log_grid, _one_thread, _solve, _worst
 from ._planning.layout import Layout, LayoutSearch, _candidates, _times  # noqa: F401 (_times: read by tests)
-from ._planning.pruning import _finish, _greedy, _keyframe_bytes, _to_rekey, resume, write_journal
+from ._planning.pruning import _finish, _greedy, _keyframe_bytes, _prune_candidates, _to_rekey, resume, write_journal
 from .posthoc import FIT_ERROR_WARN, list_snapshots
 from .snapshots import SnapshotError, snapshot_paths
 
@@ -232,6 +232,10 @@ def prune(
     (a log grid of ``grid`` points over the range, at the last snapshot's time) lowest, while
     it stays ``<= max_fit_error``; the last snapshot is never dropped. (Lazy: a candidate's
     error from an earlier round stands in until it is the best; removals rarely help others.)
+    Beyond 32 snapshots it runs on the shortest forward selection (from the last, each step
+    adding the snapshot that cuts the worst error most) that meets ``max_fit_error``; the
+    others go, so time grows linearly with their number (``benchmarks/bench_prune_scale.py``),
+    and ``fit_error_before`` is that of a selection run on to ``1e-4 * max_fit_error``.
     The whole decision is written to ``JOURNAL`` in the directory (atomically) before the first
     deletion; a call that finds a journal finishes it first, so a killed prune never leaves a
     needed snapshot missing. Compact snapshots: a kept delta whose reference is removed is
@@ -257,7 +261,8 @@ def prune(
     targets = _log_grid(lo, hi, grid)
     t = infos[-1].t
     with _one_thread():
-        before, worst_s, _, _ = _worst(infos, targets, [t])
+        fit_from = _prune_candidates(infos, targets, t, max_fit_error)[1]  # all, or a subset that fits as well
+        before, worst_s, _, _ = _worst([infos[i] for i in fit_from], targets, [t])
     if before > max_fit_error:
         raise ValueError(
             f"{where}: these snapshots already miss max_fit_error={max_fit_error:g}: relative profile error "

@@ -297,6 +297,7 @@ def _reader_factory(like: Mapping[str, Tensor] | None, latest: SnapshotInfo, tru
     def reader_for(info, order):
         return open_tensors(info, order, trust=trust)
 
+    reader_for.whole_files = True  # whole tensors of plain files may be read ahead, across files
     return reader_for
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import distributed, schedules, snapshots
 from ._engine.averager import _Averager, outside_compiled_graphs
 from ._engine.model import normalize_name
+from ._engine.nonfinite import NonFiniteError
 from ._engine.options import Options, takes_options
 
 __all__ = ["PowerEMA"]
@@ -95,6 +96,11 @@ class PowerEMA(_Averager):
         """Relative widths of the tracked profiles."""
         return tuple(s.sigma_rel for s in self._schedules)
 
+    @property
+    def decay(self) -> tuple[float, ...] | None:
+        """Each profile's decay in the last :meth:`update`, as it returned them (see :attr:`emakit.EMA.decay`)."""
+        return None if self._last_decays is None else tuple(self._last_decays)
+
     def __repr__(self) -> str:
         numel = self._storage.numel
         profiles = ", ".join(f"{s:.4g}" for s in self.sigma_rels)
@@ -131,7 +137,7 @@ class PowerEMA(_Averager):
         )
 
     def averaged_state_dict(
-        self, sigma_rel: float | None = None, *, dtype: str = "model", full: bool = False
+        self, sigma_rel: float | None = None, *, dtype: str | torch.dtype = "model", full: bool = False
     ) -> dict[str, Tensor]:
         """The model's state dict with profile ``sigma_rel``'s averages (see :meth:`emakit.EMA.averaged_state_dict`)."""
         return self._averaged_state_dict(self._index("averaged_state_dict", sigma_rel), dtype, full)
@@ -205,6 +211,7 @@ class PowerEMA(_Averager):
         self._check_finite("save_snapshot", collective=self.is_sharded)
         self._check_snapshot_args(dtype, encoding)
         common = self._snapshot_fields(dtype, static)
+        _check_extras_finite(self._owner, common, self.is_sharded)
         storage = self._storage
         if storage.is_sharded or any(distributed.is_dtensor(v) for v in common["static"].values()):
             # Collective: each rank writes its own shards, nothing is gathered.
@@ -261,4 +268,23 @@ class PowerEMA(_Averager):
             dtype=dtype,
             keys=keys,
             aliases=dict(self._aliases),
+        )
+
+
+def _check_extras_finite(owner: str, common: dict[str, Any], sharded: bool) -> None:
+    """Copied and frozen tensors hold no NaN or Inf either: reconstruction returns them as they are."""
+    bad, collective = None, sharded
+    for kind, tensors in (("copied", common["copies"]), ("frozen (static)", common["static"])):
+        for name, value in tensors.items():
+            collective = collective or distributed.is_dtensor(value)
+            local = value.to_local() if distributed.is_dtensor(value) else value
+            # a sum is NaN or Inf when an element is; one that overflowed is confirmed element by element
+            if bad is None and local.is_floating_point() and not bool(torch.isfinite(local.sum())):
+                bad = None if bool(torch.isfinite(local).all()) else f"the {kind} tensor {name!r}"
+    if collective and distributed.any_rank(bad is not None) and bad is None:
+        bad = "a copied or frozen tensor's shard on another rank"
+    if bad is not None:
+        raise NonFiniteError(
+            f"{owner}.save_snapshot: {bad} holds NaN or Inf (it is copied, not averaged); nothing was "
+            f"written. Find the step that made the model's weights non-finite"
         )

@@ -34,6 +34,7 @@ directory in time order decodes each file once.
 from __future__ import annotations
 
 # Besides __all__, the names other modules read here: emakit.snapshots' names as before.
+from ._files import limits as _limits
 from ._files.header import (
     _DCP_INFO,  # noqa: F401
     ENCODINGS,
@@ -76,8 +77,25 @@ __all__ = [
     "read_info",
     "require_trust",
     "rewrite_as_keyframe",
+    "set_read_limits",
     "shard_parts",
     "snapshot_paths",
     "write_sharded_snapshot",
     "write_snapshot",
 ]
+
+
+def set_read_limits(*, json_bytes: int | None = None) -> None:
+    """Raise (or restore) the cap on the JSON files emakit reads: sharded-snapshot indexes, prune journals, checksums.
+
+    Every such file must be a regular file (not a FIFO or device) of at most ``json_bytes``
+    bytes (default 64 MiB, or the ``EMAKIT_MAX_JSON_BYTES`` environment variable, which the
+    command line honours), and nest no deeper than Python's recursion limit allows; anything
+    else is a :class:`SnapshotError` naming the file, so a hostile file cannot exhaust memory
+    or block a reader. A real index takes about 100 bytes per tensor part (per rank), so only
+    runs with hundreds of thousands of parts come near the default. ``json_bytes=None``
+    restores the default.
+
+        emakit.snapshots.set_read_limits(json_bytes=1 << 30)
+    """
+    _limits.set_json_bytes(json_bytes)

@@ -226,8 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 raise CommandError(f"override {item!r}: {key} must be finite, got {part!r}")
     if args.out is not None:
         _output_directory(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or demo.diffusion.cpu_threads())  # not torch's all-CPUs default
     if args.out is None:  # keep earlier demo runs: take the first free runs/demo, runs/demo-2, ...
         args.out = next(
             p for p in (f"runs/demo{'' if i == 1 else f'-{i}'}" for i in range(1, 10**6)) if not Path(p).exists()
@@ -289,6 +288,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"{path}: no such file or directory; expected a snapshot, a snapshot directory or a checkpoint"
             )
+        if not (path.is_dir() or path.is_file()):
+            raise CommandError(f"{path}: not a regular file or directory (a FIFO, device or socket?)")
         if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
             raise CommandError(f"{path}: permission denied")
     if not args.trust:

@@ -84,6 +84,7 @@ class _Averager(Checkpointing, FrozenParameters, NonFiniteChecks):
         #: Updates applied, and updates skipped because the model held NaN/Inf.
         self.num_updates = 0
         self.num_skipped = 0
+        self._last_decays: list[float] | None = None  # what the last update() returned (public: ``decay``)
 
     def _is_param(self, name: str) -> bool:
         return self._slots[name].is_param
@@ -121,12 +122,30 @@ class _Averager(Checkpointing, FrozenParameters, NonFiniteChecks):
             )
             self.num_skipped += 1
         else:
-            _update.apply_(self._storage, binding, [1.0 - d for d in decays])
+            found = _update.apply_(self._storage, binding, [1.0 - d for d in decays], locate=self.locate_nonfinite)
             self.num_updates += 1
-            if self.locate_nonfinite:
-                _update.note_nonfinite(self._storage, self._nonfinite_marks, self.num_updates, new_t)
+            if found is not None:  # locate_nonfinite: each chunk checked in cache, marked on the device
+                _update.note_nonfinite(self._nonfinite_marks, found, self.num_updates, new_t)
         self.t = new_t
+        self._last_decays = decays
         return decays
+
+    def reset(self, model: nn.Module | None = None) -> None:
+        """Start over: every average becomes a copy of the model's current tensors, and ``t = 0``.
+
+        As at construction: ``t``, ``num_updates``, ``num_skipped`` return to 0 and ``decay``
+        to None; the settings (schedule, dtype, device) are kept. ``model`` may be another view
+        of the model (DDP, ``torch.compile``), default the one given at construction. For
+        "restart the average from the weights as they are now" (k-diffusion's
+        ``--reset-ema``, a fine-tuning phase); nothing changes when it raises.
+        """
+        self._assert_not_swapped("reset")
+        binding = self._binder.fresh(self._model if model is None else model)
+        _swap.copy_from(self._storage, binding)
+        self.t = 0
+        self.num_updates = self.num_skipped = 0
+        self._last_decays = None
+        self._nonfinite_marks.clear()
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """Move or cast the averages (and copied tensors), like ``nn.Module.to``; returns ``self``.
@@ -189,7 +208,7 @@ class _Averager(Checkpointing, FrozenParameters, NonFiniteChecks):
 
     # ------------------------------------------------------------------ using the averages
 
-    def _averaged_state_dict(self, k: int, dtype: str, full: bool = False) -> dict[str, Tensor]:
+    def _averaged_state_dict(self, k: int, dtype: str | torch.dtype, full: bool = False) -> dict[str, Tensor]:
         self._check_finite("averaged_state_dict", collective=full is True)
         return _swap.averaged_state_dict(self._owner, self._storage, self._model, self._aliases, k, dtype, full)
 

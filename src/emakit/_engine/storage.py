@@ -154,6 +154,8 @@ class Group:
     small: list[int] = field(default_factory=list)
     gathers: list[Gather] = field(default_factory=list)
     region_chunks: Chunks | None = None  # one flat source region (see Storage.use_region), built on first need
+    # One profile, unstaged: cut only for locate_nonfinite, on first need ("region" / "big" path).
+    locate_chunks: dict[str, Chunks] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:

@@ -1,12 +1,13 @@
 """Putting the averages to use: into a model's memory (copy, swap) or as the model's state dict.
 
 Owns the writes into a bound model (:func:`copy_into`, :func:`swapped`, which backs up what
-it overwrites and restores it, also on error) and :func:`averaged_state_dict`, the model's
+it overwrites and restores it, also on error), the one write the other way (:func:`copy_from`:
+the model into the averages, for a restart) and :func:`averaged_state_dict`, the model's
 own state dict with the averaged values in place. Where sharding decides what a write
 touches (a DDP-split average is gathered, ZeRO-3 keeps gathered copies) it asks
 :mod:`emakit.distributed`.
 
-It never changes the averages, the time or the binding's cache.
+Besides :func:`copy_from` it never changes the averages; never the time or the binding's cache.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def copy_into(storage: Storage, binding: Binding, k: int) -> None:
         tbl[attr].copy_(stored)
 
 
+@torch.no_grad()
+def copy_from(storage: Storage, binding: Binding) -> None:
+    """Write the bound model's tensors into every profile's averages and into the copies (a restart)."""
+    for g, group in enumerate(storage.groups):
+        for k in range(storage.num_profiles):
+            torch._foreach_copy_(group.views[k], binding.locals[g])
+    for stored, (tbl, attr) in zip(storage.copies.values(), binding.copies):
+        stored.copy_(tbl[attr])
+
+
 @contextlib.contextmanager
 def swapped(
     storage: Storage, binding: Binding, model: nn.Module, k: int, backup_device: torch.device | str | None
@@ -69,17 +80,24 @@ def averaged_state_dict(
     model: nn.Module,
     aliases: dict[str, str],
     k: int,
-    dtype: str,
+    dtype: str | torch.dtype,
     full: bool = False,
 ) -> dict[str, Tensor]:
-    """``model``'s state dict (plain keys) with profile ``k``'s averages and the copies in place."""
-    if dtype not in ("model", "average"):
-        raise ValueError(f"{owner}.averaged_state_dict: dtype must be 'model' or 'average', got {dtype!r}")
+    """``model``'s state dict (plain keys) with profile ``k``'s averages and the copies in place.
+
+    ``dtype``: ``"model"`` (each average cast to its model tensor's dtype), ``"average"`` (as
+    stored) or a floating ``torch.dtype`` (every average cast to it).
+    """
+    if not (dtype in ("model", "average") or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
+        raise ValueError(
+            f"{owner}.averaged_state_dict: dtype must be 'model', 'average' or a floating torch.dtype, got {dtype!r}"
+        )
     if not isinstance(full, bool):
         raise TypeError(f"{owner}.averaged_state_dict: full must be a bool, got full={full!r}")
     values: dict[str, Any] = {}
     for name, view, group, i in storage.tensors(k):
-        local = view.to(group.source_dtype) if dtype == "model" else view
+        cast = group.source_dtype if dtype == "model" else (None if dtype == "average" else dtype)
+        local = view if cast is None else view.to(cast)
         layout = group.layouts[i]
         values[name] = local if layout is None else layout.wrap(local)
     values.update(storage.copies)

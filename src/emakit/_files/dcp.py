@@ -14,12 +14,13 @@ import json
 import os
 import shutil
 import warnings
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import distributed
+from . import checksums as _checksums
+from . import limits as _limits
 from .atomic import _disk_full, fsync_dir, reclaim_stale, temporary_name, umask_mode
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
     "write_directory",
 ]
 
-#: The file in a DCP directory written by emakit that holds the CRC-32 of every stored item.
+#: The file in a DCP directory written by emakit that holds the checksum of every stored item.
 CHECKSUMS = "emakit-checksums.json"
 _CHECKSUMS_FORMAT = "emakit.dcp-checksums"
 _CHUNK = 16 << 20  # bytes read at a time while checksumming
@@ -67,27 +68,37 @@ def save_atomic(where: str, state: dict[str, Any], final: Path, extra: Callable[
     """``dcp.save(state)`` into a unique hidden directory that rank 0 moves to ``final`` once complete.
 
     Collective: every rank calls it with the same ``final`` (on a file system they share, as
-    DCP requires). Each rank writes only its own shards. Then the ranks checksum the written
-    files (each a share of them) and rank 0 adds :data:`CHECKSUMS`, the CRC-32 of every
-    stored item, which :func:`verify_checksums` checks before a load. See
-    :func:`write_directory`.
+    DCP requires). Each rank writes only its own shards, taking the checksum of every stored
+    item as its bytes go to the file (nothing is read back); rank 0 adds :data:`CHECKSUMS`,
+    the checksum of every stored item (CRC-32C, or CRC-32 without a compiled CRC-32C), which
+    :func:`verify_checksums` checks before a load. See :func:`write_directory`.
     """
     table: list[list] = []
+    algorithm = distributed.all_gather_object(_checksums.preferred())[0]  # rank 0's, on every rank
 
     def save(tmp: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
+        writer = _hashing_writer(tmp, algorithm)
         with warnings.catch_warnings():  # single process: DCP warns that it assumes one; it is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             try:
-                dcp.save(state, checkpoint_id=tmp)
+                dcp.save(state, storage_writer=writer)
             except _dcp_errors() as e:
                 raise _failure(where, final, "write", e) from None
         distributed.barrier()  # the coordinator's .metadata is complete
-        table.extend(_gathered(where, final, lambda: _checksum_share(read_metadata(where, tmp), tmp)))
+        table.extend(_gathered(where, final, lambda: _written_rows(read_metadata(where, tmp), writer.fs.written)))
 
     def describe(tmp: Path) -> None:
+        metadata = read_metadata(where, tmp)
+        table[:] = [row for row in table if row[5] is not None]
+        missing = {(s.relative_path, s.offset, s.length) for s in metadata.storage_data.values()}
+        missing -= {(row[2], row[3], row[4]) for row in table}
+        if missing:  # an item whose bytes were not one segment as written (not seen with torch's writer): read it
+            table.extend(_checksum_share(metadata, tmp, algorithm, missing))
         record = {"format": _CHECKSUMS_FORMAT, "version": 1, "items": sorted(table, key=lambda r: (r[2], r[3]))}
+        if algorithm != _checksums.LEGACY:
+            record["algorithm"] = algorithm
         (tmp / CHECKSUMS).write_text(json.dumps(record))
         if extra is not None:
             extra(tmp)
@@ -109,27 +120,109 @@ def _my_files(files: dict[str, list]) -> list[str]:
     return [n for j, n in enumerate(sorted(files)) if j % world == me]
 
 
-def _crc(f, offset: int, length: int) -> str:
+def _crc(f, offset: int, length: int, algorithm: str) -> str:
     f.seek(offset)
     crc, left = 0, length
     while left > 0:
         chunk = f.read(min(_CHUNK, left))
         if not chunk:
-            break  # truncated: the CRC of what is there cannot match
-        crc = zlib.crc32(chunk, crc)
+            break  # truncated: the checksum of what is there cannot match
+        crc = _checksums.extend(crc, chunk, algorithm)
         left -= len(chunk)
     return f"{crc:08x}" if left == 0 else "truncated"
 
 
-def _checksum_share(metadata, directory: Path) -> list[list]:
-    """``[fqn, chunk offset, file, byte offset, length, crc]`` of every item in this rank's share of the files."""
+def _row(index, info, digest: str) -> list:
+    """``[fqn, chunk offset, file, byte offset, length, checksum]`` of one stored item."""
+    offset = None if index.offset is None else list(index.offset)
+    return [index.fqn, offset, info.relative_path, info.offset, info.length, digest]
+
+
+def _checksum_share(metadata, directory: Path, algorithm: str, only: set | None = None) -> list[list]:
+    """The rows of every item in this rank's share of the files (all ``only`` lists, with ``only``), read back.
+
+    The files are read on the checksum threads, a file per thread.
+    """
     files = _files_of(metadata)
-    rows = []
-    for name in _my_files(files):
+    names = sorted(files) if only is not None else _my_files(files)
+
+    def rows_of(name: str) -> list[list]:
+        items = [(i, s) for i, s in files[name] if only is None or (s.relative_path, s.offset, s.length) in only]
+        if not items:
+            return []
         with open(directory / name, "rb") as f:
-            for index, info in files[name]:
-                offset = None if index.offset is None else list(index.offset)
-                rows.append([index.fqn, offset, name, info.offset, info.length, _crc(f, info.offset, info.length)])
+            return [_row(index, info, _crc(f, info.offset, info.length, algorithm)) for index, info in items]
+
+    return [row for rows in _checksums.pool().map(rows_of, names) for row in rows]
+
+
+class _HashingStream:
+    """A file being written that takes the checksum of the bytes between two ``tell()`` calls.
+
+    DCP asks ``tell()`` just before and just after it writes each item, so each item's bytes
+    are one segment: ``segments[(offset, length)] = checksum``.
+    """
+
+    def __init__(self, raw, algorithm: str) -> None:
+        self._raw, self._algorithm = raw, algorithm
+        self._start, self._length, self._crc = raw.tell(), 0, 0
+        self.segments: dict[tuple[int, int], str] = {}
+
+    def write(self, data) -> int:
+        written = self._raw.write(data)
+        self._crc = _checksums.extend(self._crc, memoryview(data).cast("B")[:written], self._algorithm)
+        self._length += written
+        return written
+
+    def end_segment(self) -> None:
+        if self._length:
+            self.segments[(self._start, self._length)] = f"{self._crc:08x}"
+        self._start, self._length, self._crc = self._start + self._length, 0, 0
+
+    def tell(self) -> int:
+        self.end_segment()
+        self._start = self._raw.tell()
+        return self._start
+
+    def close(self) -> None:
+        self.end_segment()
+        self._raw.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
+
+
+def _hashing_writer(path: Path, algorithm: str):
+    """DCP's file writer for ``path``, whose streams record the checksum of every item written (``fs.written``)."""
+    from contextlib import contextmanager
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class HashingFileSystem(FileSystem):
+        @contextmanager
+        def create_stream(self, path, mode: str):
+            with super().create_stream(path, mode) as stream:
+                if "w" not in mode:
+                    yield stream
+                    return
+                hashing = _HashingStream(stream, algorithm)
+                yield hashing
+                hashing.end_segment()
+                self.written[Path(path).name] = hashing.segments
+
+    writer = FileSystemWriter(path)
+    writer.fs = HashingFileSystem()
+    writer.fs.written = {}
+    return writer
+
+
+def _written_rows(metadata, written: dict[str, dict]) -> list[list]:
+    """Rows of the items this rank wrote, from their recorded checksums (None where a segment is not one item)."""
+    rows = []
+    for name, items in _files_of(metadata).items():
+        if name in written:
+            rows += [_row(i, s, written[name].get((s.offset, s.length))) for i, s in items]
     return rows
 
 
@@ -157,10 +250,11 @@ def verify_checksums(where: str, path: Path, metadata) -> None:
     if not (path / CHECKSUMS).exists():
         return
     try:
-        record = json.loads((path / CHECKSUMS).read_text())
+        record = _limits.read_json(path / CHECKSUMS)  # a regular file, capped in size and nesting
         if record.get("format") != _CHECKSUMS_FORMAT:
             raise ValueError(f"format={record.get('format')!r}")
         listed = {(r[2], int(r[3]), int(r[4])): (str(r[0]), r[1], str(r[5])) for r in record["items"]}
+        algorithm = _checksums.check_algorithm(record.get("algorithm", _checksums.LEGACY), str(path / CHECKSUMS))
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise CheckpointError(
             f"{where}: {path / CHECKSUMS} is malformed ({e}); the checkpoint cannot be verified"
@@ -173,7 +267,7 @@ def verify_checksums(where: str, path: Path, metadata) -> None:
 
     def share() -> list:
         problems = []
-        for row in _checksum_share(metadata, path):
+        for row in _checksum_share(metadata, path, algorithm):
             fqn, _, want = listed[(row[2], row[3], row[4])]
             if row[5] == "truncated":
                 problems.append(f"{path / row[2]}: truncated: tensor {fqn!r} lies past the end of the file")

@@ -2,25 +2,25 @@
 
 Owns what a snapshot *says* about itself, whatever file holds it (single-file safetensors or
 a sharded ``.shards`` or DCP directory): the format name and version, the time in the file name, each
-profile's ``sigma_rel`` and ``gamma``, the tensor names and dtypes, the CRC-32 of every
-tensor, and the checks that reject a damaged or edited header with a
-:class:`SnapshotError` naming the file. Reads and writes no file (:mod:`emakit.snapshots`
+profile's ``sigma_rel`` and ``gamma``, the tensor names and dtypes, the checksum of every
+tensor (CRC-32C, or CRC-32 in files that name no ``checksum_algorithm``), and the checks
+that reject a damaged or edited header with a :class:`SnapshotError` naming the file. Reads and writes no file (:mod:`emakit.snapshots`
 does).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import re
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from . import checksums as _checksums
 
 FORMAT = "emakit.phema"
 VERSION = 1
@@ -36,16 +36,12 @@ class SnapshotError(ValueError):
     """A snapshot file or directory that cannot be used; the message names the file."""
 
 
-def checksum(tensor: Tensor) -> str:
-    """CRC-32 of a tensor's bytes, as 8 hex digits (what snapshot headers store per tensor)."""
-    flat = (
-        tensor.detach().contiguous().view(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
-    )
-    flat = flat.cpu()
-    if flat.numel() == 0:
-        return f"{zlib.crc32(b''):08x}"
-    view = (ctypes.c_char * flat.numel()).from_address(flat.data_ptr())  # the bytes in place (no numpy, no copy)
-    return f"{zlib.crc32(view):08x}"
+def checksum(tensor: Tensor, algorithm: str = _checksums.LEGACY) -> str:
+    """The checksum of a tensor's bytes as 8 hex digits (what snapshot headers store per tensor).
+
+    ``algorithm``: ``"crc32"`` (files that name none) or ``"crc32c"`` (see :mod:`emakit._files.checksums`).
+    """
+    return _checksums.hex_digest(tensor, algorithm)
 
 
 #: safetensors' names of the dtypes snapshots hold.
@@ -90,7 +86,8 @@ class SnapshotInfo:
     nbytes: int
     sharded: bool = False  # a directory written by several ranks (``.shards``, or DCP's ``.dcp``)
     flat: tuple[str, ...] = ()  # names stored flattened (DeepSpeed ZeRO-3), reshaped on reading
-    checksums: Mapping[str, str] | None = None  # key -> CRC-32 (hex) of its bytes; None in older files
+    checksums: Mapping[str, str] | None = None  # key -> checksum (hex) of its bytes; None in older files
+    checksum_algorithm: str = _checksums.LEGACY  # of ``checksums``: "crc32" (older files) or "crc32c"
     encoding: str = "fp32"  # "fp32": plain tensors (also fp16/bf16 ones); "compact": see emakit._files.compact
     reference: float | None = None  # compact delta snapshot: the t of the snapshot it is relative to
     scales: Mapping[str, float] | None = None  # compact delta snapshot: avg key -> its delta's scale
@@ -152,7 +149,7 @@ def _compact_fields(path: Path, meta: Mapping[str, str], t: float) -> tuple[dict
         shapes = {k: tuple(int(n) for n in v) for k, v in json.loads(meta["shapes"]).items()}
         reference = float(meta["reference"]) if "reference" in meta else None
         scales = {k: float(v) for k, v in json.loads(meta["scales"]).items()} if reference is not None else None
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise SnapshotError(
             f"{path}: compact snapshot header is incomplete or malformed ({type(e).__name__}: {e})"
         ) from None
@@ -190,13 +187,14 @@ def _parse_info(
         aliases = dict(json.loads(meta["aliases"]))
     except SnapshotError:
         raise
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise SnapshotError(f"{path}: snapshot metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
     if not (math.isfinite(t) and t >= 0) or len(sigma_rels) != len(gammas) or not gammas:
         raise SnapshotError(f"{path}: snapshot metadata is inconsistent (t={t}, {len(gammas)} profiles)")
     _check_header_values(path, t, sigma_rels, gammas, dtype, num_updates)
     _check_header_names(path, averaged, copied, static, model_dtypes, state_keys, aliases)
     checksums = _check_header_tensors(path, meta, keys, len(gammas), averaged, copied, static)
+    algorithm = checksum_algorithm(path, meta)
     encoding, reference, scales, shapes = _encoding_fields(path, meta, t, keys, shapes)
     named_shapes = {n: shapes[f"avg.0/{n}"] for n in averaged}
     named_shapes.update({n: shapes[f"copy/{n}"] for n in copied})
@@ -217,6 +215,7 @@ def _parse_info(
         aliases=aliases,
         nbytes=nbytes,
         checksums=checksums,
+        checksum_algorithm=algorithm,
         encoding=encoding,
         reference=reference,
         scales=scales,
@@ -231,7 +230,7 @@ def _check_header_tensors(
     if "checksums" in meta:
         try:
             checksums = dict(json.loads(meta["checksums"]))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             raise SnapshotError(f"{path}: snapshot checksums are malformed ({e})") from None
         if set(checksums) != set(keys):
             raise SnapshotError(f"{path}: snapshot checksums do not cover its tensors (corrupted header?)")
@@ -244,6 +243,14 @@ def _check_header_tensors(
             f"{path}: tensors do not match the metadata (missing {missing[:3]}, unexpected {extra[:3]})"
         )
     return checksums
+
+
+def checksum_algorithm(path: Path, meta: Mapping[str, str]) -> str:
+    """The ``checksum_algorithm`` a header or index names (``"crc32"`` where it names none, as older files)."""
+    try:
+        return _checksums.check_algorithm(meta.get("checksum_algorithm", _checksums.LEGACY), str(path))
+    except ValueError as e:
+        raise SnapshotError(f"{e} (written by a newer emakit, or a damaged header)") from None
 
 
 def _encoding_fields(

@@ -5,7 +5,7 @@ Owns the ``phema-<t>.shards`` directory that a sharded run (FSDP2, DeepSpeed ZeR
 tensors it owns: a DTensor's local shard (once per replica group), a plain replicated
 tensor only on rank 0. Rank 0 then writes ``emakit.json``: the snapshot header, each
 tensor's dtype and shapes, and every part (file, offset in the global tensor, shape,
-CRC-32). Nothing in the directory is code, so it is safe to read from anyone, unlike DCP's
+checksum: CRC-32C, or CRC-32 where the index names no ``checksum_algorithm``). Nothing in the directory is code, so it is safe to read from anyone, unlike DCP's
 pickled ``.metadata``. Readers assemble whole tensors in one process, or only the box a
 rank needs; every part is checked against its checksum, shape and dtype, and the index
 must cover every tensor exactly once.
@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from .header import _DCP_INFO, SnapshotError, checksum, dtype_name, parse_dtype
+from . import checksums as _checksums
+from . import limits as _limits
+from .header import _DCP_INFO, SnapshotError, checksum, checksum_algorithm, dtype_name, parse_dtype
 
 __all__ = ["INDEX", "Parts", "writers"]
 
@@ -76,7 +78,9 @@ def writers(state: dict[str, Tensor], metadata: dict[str, str], model_shapes: di
             # safetensors needs contiguous CPU tensors that share no memory with each other.
             local = part[0].detach().to(device="cpu", memory_format=torch.contiguous_format, copy=True)
             parts[key] = (local, part[1])
-    table = {key: [offset, list(t.shape), checksum(t)] for key, (t, offset) in parts.items()}
+    algorithm = distributed.all_gather_object(_checksums.preferred())[0]  # rank 0's, on every rank
+    digests = {key: _checksums.submit(t, algorithm) for key, (t, _) in parts.items()}
+    table = {key: [offset, list(t.shape), digests[key].result()] for key, (t, offset) in parts.items()}
     files = {f"rank-{r:05d}.safetensors": t for r, t in enumerate(distributed.all_gather_object(table)) if t}
     mine = f"rank-{distributed.rank():05d}.safetensors"
 
@@ -91,6 +95,8 @@ def writers(state: dict[str, Tensor], metadata: dict[str, str], model_shapes: di
             {k: [dtype_name(v.dtype), list(v.shape), list(model_shapes[k.split("/", 1)[1]])] for k, v in state.items()}
         )
         index["parts"] = json.dumps(files)
+        if algorithm != _checksums.LEGACY:
+            index["checksum_algorithm"] = algorithm
         (tmp / INDEX).write_text(json.dumps(index, indent=1))
 
     return write_part, write_index
@@ -103,17 +109,18 @@ class Parts:
         self.path = Path(path)
         try:
             self.tensors = {k: (v[0], tuple(int(n) for n in v[1]), tuple(int(n) for n in v[2]))
-                            for k, v in json.loads(index["tensors"]).items()}  # fmt: skip
-            files = json.loads(index["parts"])
+                            for k, v in _limits.loads(index["tensors"]).items()}  # fmt: skip
+            files = _limits.loads(index["parts"])
             self.parts: dict[str, list[tuple[str, tuple, tuple, str]]] = {k: [] for k in self.tensors}
             for file, table in files.items():
                 for key, (offset, shape, crc) in table.items():
                     self.parts[key].append((file, tuple(int(n) for n in offset), tuple(int(n) for n in shape), crc))
-        except (KeyError, ValueError, TypeError, IndexError) as e:
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
             raise SnapshotError(
                 f"{self.path}: sharded snapshot index {INDEX} is malformed ({type(e).__name__}: {e})"
             ) from None
         self._check(files)
+        self.algorithm = checksum_algorithm(self.path, index)
         self._open: dict[str, object] = {}
 
     def _check(self, files: dict) -> None:
@@ -139,6 +146,22 @@ class Parts:
                     f"{self.path}: the parts of {key!r} cover {covered} of its {math.prod(stored)} elements "
                     f"(a rank's file missing from the index, or a damaged index)"
                 )
+        self._check_sizes(files)
+
+    def _check_sizes(self, files: dict) -> None:
+        """The parts a file is said to hold fit in it: shapes an index claims are backed by bytes on disk."""
+        claimed = dict.fromkeys(files, 0)
+        for key, entries in self.parts.items():
+            itemsize = parse_dtype(self.tensors[key][0], str(self.path)).itemsize
+            for file, _, shape, _ in entries:
+                claimed[file] += itemsize * math.prod(shape)
+        for file, nbytes in claimed.items():
+            size = (self.path / file).stat().st_size
+            if nbytes > size:
+                raise SnapshotError(
+                    f"{self.path / file}: not a readable part: the index says it holds {nbytes} bytes of tensors, "
+                    f"it has {size} bytes (truncated, or a damaged or edited index)"
+                )
 
     def _read(self, file: str, key: str, shape: tuple, crc: str, dtype: torch.dtype) -> Tensor:
         handle = self._open.get(file)
@@ -155,7 +178,7 @@ class Parts:
             raise SnapshotError(
                 f"{self.path / file}: cannot read tensor {key!r} (truncated or damaged?): {e}"
             ) from None
-        if tuple(value.shape) != shape or value.dtype != dtype or checksum(value) != crc:
+        if tuple(value.shape) != shape or value.dtype != dtype or checksum(value, self.algorithm) != crc:
             raise SnapshotError(
                 f"{self.path / file}: tensor {key!r} does not match its checksum, shape or dtype in the index: "
                 f"the file is corrupted"

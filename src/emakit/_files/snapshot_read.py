@@ -12,7 +12,7 @@ codec), imported on first use. Writes nothing.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import zlib
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import dcp as _dcp
+from . import limits as _limits
 from . import shards as _shard_files
 from .header import (
     _DCP_INFO,
@@ -88,6 +89,7 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
         if info.encoding == "compact" and key.startswith("avg."):
             if stored[key] != "U8" or len(shapes[key]) != 1:
                 raise SnapshotError(f"{path}: compact tensor {key!r} is stored as {stored[key]}, expected U8 bytes")
+            _check_claimed(path, key, info.shapes[key.split("/", 1)[1]], shapes[key][0])
         elif key.startswith("avg.") and _SAFETENSORS_DTYPES.get(stored[key]) != info.dtype:
             raise SnapshotError(
                 f"{path}: tensor {key!r} is stored as {stored[key]}, but the header says the averages are "
@@ -96,16 +98,43 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
     return info
 
 
+#: No compressor a compact snapshot uses expands its bytes more than this (zlib: about 1032).
+_MAX_INFLATION = 1 << 16
+
+
+def _check_claimed(path: Path, key: str, shape: tuple, payload: int) -> None:
+    """A compact average's model shape is one its payload can hold: a header cannot claim terabytes."""
+    if any(n < 0 for n in shape) or 4 * math.prod(shape) > _MAX_INFLATION * payload + (1 << 20):
+        raise SnapshotError(
+            f"{path}: the header says compact tensor {key!r} has shape {list(shape)}, more than its {payload} "
+            f"bytes can hold (a damaged or edited header)"
+        )
+
+
+def _check_index_bytes(path: Path, tensors: dict, nbytes: int) -> None:
+    """The shapes a sharded snapshot's index claims are backed by the bytes of its directory."""
+    try:
+        stored = [(parse_dtype(str(v[0]), str(path)).itemsize, [int(n) for n in v[1]]) for v in tensors.values()]
+    except (ValueError, TypeError, IndexError) as e:
+        raise SnapshotError(f"{path}: not a readable sharded snapshot ({_DCP_INFO} malformed: {e})") from None
+    claimed = sum(size * math.prod(shape) for size, shape in stored)
+    if claimed > nbytes or any(n < 0 for _, shape in stored for n in shape):
+        raise SnapshotError(
+            f"{path}: its index claims {claimed} bytes of tensors, but the directory holds {nbytes} bytes "
+            f"(a damaged or edited index)"
+        )
+
+
 def _read_dcp_info(path: Path) -> SnapshotInfo:
     """The header of a sharded snapshot directory: a ``.shards`` one (its index checked), or a DCP one."""
     try:
-        meta = json.loads((path / _DCP_INFO).read_text())
+        meta = _limits.read_json(path / _DCP_INFO)  # a regular file, capped in size and nesting
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise ValueError("not an object of strings")
-        tensors = json.loads(meta["tensors"])
+        tensors = _limits.loads(meta["tensors"])
         shapes = {k: tuple(v[2]) for k, v in tensors.items()}
         flat = tuple(sorted({k.split("/", 1)[1] for k, v in tensors.items() if list(v[1]) != list(v[2])}))
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise SnapshotError(
             f"{path}: not a readable sharded snapshot ({_DCP_INFO} missing or malformed: {e})"
         ) from None
@@ -114,6 +143,7 @@ def _read_dcp_info(path: Path) -> SnapshotInfo:
     elif not (path / ".metadata").is_file():
         raise SnapshotError(f"{path}: sharded snapshot without DCP .metadata (incomplete copy?)")
     nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    _check_index_bytes(path, tensors, nbytes)
     info = _parse_info(path, meta, shapes, nbytes)
     stored = {tensors[k][0] for k in tensors if k.startswith("avg.")}
     if stored - {dtype_name(info.dtype)}:
@@ -132,7 +162,15 @@ _DCP_BATCH_BYTES = 64 << 20
 
 def dcp_tensor_table(path: Path) -> dict[str, list]:
     """``key -> [dtype name, stored shape, model shape]`` of a sharded snapshot."""
-    return json.loads(json.loads((Path(path) / _DCP_INFO).read_text())["tensors"])
+    return _limits.loads(_index(Path(path))["tensors"])
+
+
+def _index(path: Path) -> dict:
+    """The index ``emakit.json`` of a sharded snapshot (bounded like every JSON file read)."""
+    try:
+        return _limits.read_json(path / _DCP_INFO)
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{path}: not a readable sharded snapshot ({_DCP_INFO}: {e})") from None
 
 
 class _SafetensorsReader:
@@ -144,15 +182,18 @@ class _SafetensorsReader:
         self._file = safe_open(str(info.path), framework="pt")
         self._handle = self._file.__enter__()
 
-    def raw(self, key: str) -> Tensor:
-        """The stored tensor (compact averages: their encoded bytes), checked against its checksum."""
-        value = self._handle.get_tensor(key)
-        want = (self._info.checksums or {}).get(key)
-        if want is not None and checksum(value) != want:
+    def _check(self, key: str, digest: str) -> None:
+        if digest != (self._info.checksums or {}).get(key, digest):
             raise SnapshotError(
                 f"{self._info.path}: tensor {key!r} does not match its checksum: the file is corrupted "
                 f"(a flipped bit, or data swapped between tensors)"
             )
+
+    def raw(self, key: str) -> Tensor:
+        """The stored tensor (compact averages: their encoded bytes), checked against its checksum."""
+        value = self._handle.get_tensor(key)
+        if self._info.checksums is not None:
+            self._check(key, checksum(value, self._info.checksum_algorithm))
         return value
 
     def get(self, key: str) -> Tensor:
@@ -266,7 +307,7 @@ class _ShardsReader:
 
     def __init__(self, info: SnapshotInfo) -> None:
         self._info = info
-        self._parts = _shard_files.Parts(info.path, json.loads((info.path / _DCP_INFO).read_text()))
+        self._parts = _shard_files.Parts(info.path, _index(info.path))
 
     def get(self, key: str) -> Tensor:
         value = self._parts.read(key)
@@ -279,7 +320,7 @@ class _ShardsReader:
 
 def shard_parts(info: SnapshotInfo) -> _shard_files.Parts:
     """The part table of a ``.shards`` snapshot (for readers that want a box of each tensor)."""
-    return _shard_files.Parts(info.path, json.loads((info.path / _DCP_INFO).read_text()))
+    return _shard_files.Parts(info.path, _index(info.path))
 
 
 def require_trust(info: SnapshotInfo, trust: bool) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import checksums as _checksums
 from . import dcp as _dcp
 from . import shards as _shard_files
 from .atomic import write_then_rename
@@ -26,7 +27,6 @@ from .header import (
     SnapshotError,
     SnapshotInfo,
     _metadata,
-    checksum,
     dtype_name,
     file_name,
 )
@@ -89,7 +89,7 @@ def write_snapshot(
         aliases=aliases,
     )
     metadata.update(extra)
-    metadata["checksums"] = json.dumps({key: checksum(v) for key, v in tensors.items()})
+    metadata.update(_checksum_fields(tensors))
     # Never replaces a snapshot, also one another writer saves meanwhile (FileExistsError).
     write_then_rename(
         [(final, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))], replace=replace
@@ -97,6 +97,16 @@ def write_snapshot(
     if chain is not None:
         commit()  # only once the file exists: a failed write leaves the chain where it was
     return final
+
+
+def _checksum_fields(tensors: dict[str, Tensor]) -> dict[str, str]:
+    """The header's ``checksums`` of ``tensors`` (on the checksum threads), and their algorithm unless CRC-32."""
+    algorithm = _checksums.preferred()
+    digests = {key: _checksums.submit(v, algorithm) for key, v in tensors.items()}
+    fields = {"checksums": json.dumps({key: d.result() for key, d in digests.items()})}
+    if algorithm != _checksums.LEGACY:
+        fields["checksum_algorithm"] = algorithm
+    return fields
 
 
 def _own(v: Tensor, to: torch.dtype | None = None) -> Tensor:

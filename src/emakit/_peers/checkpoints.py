@@ -15,7 +15,9 @@ from typing import Any
 from torch import Tensor
 
 from .._engine.model import key_mismatch_message, normalize_name
-from .formats import _FORMATS, _WHERE, SOURCES, _describe, _detect, _Found, _open, _preview
+from .formats import _WHERE, _describe, _detect, _Found, _open, _preview
+from .trainers import FORMATS as _FORMATS
+from .trainers import SOURCES
 
 __all__ = ["SOURCES", "key_mismatch_message", "load"]
 
@@ -105,11 +107,14 @@ def load(ema: Any, checkpoint: Any, source: str = "auto", *, t: float | None = N
     anything else), a ``.safetensors`` file, or a diffusers ``EMAModel.save_pretrained``
     folder. ``source`` is ``"auto"`` (recognise the format) or one of :data:`SOURCES`:
     ``"timm"``, ``"diffusers"``, ``"ema_pytorch"``, ``"averaged_model"``, ``"torch_ema"``,
-    ``"lightning"``.
+    ``"lightning"``, ``"composer"`` (a Trainer checkpoint with the EMA algorithm; the
+    average is read from the model when Composer saved it swapped in), ``"nemo"`` (a
+    checkpoint written with NeMo's EMA callback, or its ``-EMA.ckpt`` companion).
 
     The peer's step counter becomes ``ema.t`` (kept, with a warning, when the checkpoint
     holds none, as timm's do); ``t=`` sets it instead, e.g. the number of optimizer steps a
-    timm checkpoint was trained for. Formats that store parameters only (diffusers, torch-ema) take the buffers
+    timm checkpoint was trained for, or the epoch of a Composer EMA updated per epoch.
+    Formats that store parameters only (diffusers, torch-ema, NeMo) take the buffers
     (BatchNorm statistics) from the model, with a warning. Everything is checked before
     anything changes: a checkpoint in no format or in several, a list or keys that do not
     fit the model, or an import the next update would wipe (decay 0 at ``t``) raise and
@@ -126,7 +131,7 @@ def load(ema: Any, checkpoint: Any, source: str = "auto", *, t: float | None = N
         raise TypeError(f"{_WHERE}: ema must be an emakit.EMA, got {type(ema).__name__}")
     obj, name = _open(checkpoint)
     if source == "auto":
-        source = _detect(obj)
+        source = _detect(obj, _FORMATS)
     elif not _FORMATS[source].matches(obj):
         others = [s for s, fmt in _FORMATS.items() if fmt.matches(obj)]
         looks = f"; it looks like {' or '.join(map(repr, others))}: pass that source or 'auto'" if others else ""

@@ -387,15 +387,17 @@ def _hint(obj: Any) -> str:
     return ""
 
 
-def _detect(obj: Any) -> str:
-    matches = [source for source, fmt in _FORMATS.items() if fmt.matches(obj)]
+def _detect(obj: Any, table: Mapping[str, _Format] | None = None) -> str:
+    """The one format of ``table`` (default: the libraries') that ``obj`` matches; raises naming them otherwise."""
+    table = _FORMATS if table is None else table
+    matches = [source for source, fmt in table.items() if fmt.matches(obj)]
     if len(matches) > 1:
         raise ValueError(
             f"{_WHERE}: {_describe(obj)} matches several formats ({', '.join(map(repr, matches))}); "
             f"pass source= one of them"
         )
     if not matches:
-        known = "; ".join(f"{s!r}: {fmt.layout}" for s, fmt in _FORMATS.items())
+        known = "; ".join(f"{s!r}: {fmt.layout}" for s, fmt in table.items())
         raise ValueError(f"{_WHERE}: {_describe(obj)} is in no known format{_hint(obj)}. Known formats: {known}")
     return matches[0]
 

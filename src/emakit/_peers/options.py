@@ -250,6 +250,22 @@ def _lightning_options(
     return {"buffers": "average" if use_buffers else "copy", "device": device}
 
 
+def _composer_options(where: str, model: nn.Module) -> dict[str, Any]:
+    return {}  # trainable parameters and buffers averaged: emakit's default
+
+
+def _nemo_options(
+    where: str,
+    model: nn.Module,
+    *,
+    validate_original_weights: bool = False,
+    cpu_offload: bool = False,
+) -> dict[str, Any]:
+    _flag(where, "validate_original_weights", validate_original_weights)
+    _flag(where, "cpu_offload", cpu_offload)
+    return {"include": _OnlyParameters(model), "device": "cpu" if cpu_offload else None}
+
+
 _OPTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "timm": _timm_options,
     "diffusers": _diffusers_options,
@@ -258,6 +274,8 @@ _OPTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "averaged_model": _averaged_model_options,
     "torch_ema": _torch_ema_options,
     "lightning": _lightning_options,
+    "composer": _composer_options,
+    "nemo": _nemo_options,
 }
 
 

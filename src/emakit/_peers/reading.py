@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import pickle
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,10 @@ def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects.
 
     ``argparse.Namespace`` is allowed too, as timm does: timm's training checkpoints keep the
-    command-line arguments under ``args``.
+    command-line arguments under ``args``; so is ``datetime.timedelta`` (Composer's timestamps).
     """
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, datetime.timedelta]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         try:

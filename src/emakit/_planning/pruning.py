@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._files.atomic import fsync_dir, temporary_name, write_then_rename
+from .._files.limits import read_json
 from ..snapshots import SnapshotError, rewrite_as_keyframe
-from .fit import _worst
+from .fit import _prune_candidates, _worst
 
 
 def _remove(path: Path) -> None:
@@ -39,11 +40,11 @@ def _remove(path: Path) -> None:
 
 def _read_journal(journal: Path) -> dict:
     try:
-        record = json.loads(journal.read_text())
+        record = read_json(journal)  # a regular file, capped in size and nesting
         names = list(record["delete"]) + list(record["keep"]) + list(record.get("rekey", []))
         if not set(record.get("rekey", [])) <= set(record["keep"]):
             raise ValueError("it rewrites snapshots it does not keep")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SnapshotError(f"{journal}: not a readable prune journal ({e}); remove it to prune again") from None
     bad = [n for n in names if not (isinstance(n, str) and Path(n).name == n and n.startswith("phema-"))]
     if record.get("format") != "emakit.prune" or bad:
@@ -81,7 +82,23 @@ def _finish(journal: Path) -> tuple[str, ...]:
 
 
 def _greedy(infos: Sequence, targets: Sequence[float], t: float, max_fit_error: float, before: float):
-    """Indices of ``infos`` to drop (never the last) and the worst fit error of the rest (lazy greedy)."""
+    """Indices of ``infos`` to drop (never the last) and the worst fit error of the rest (lazy greedy).
+
+    Among more than ``EXACT_SNAPSHOTS`` snapshots the greedy runs on the shortest forward
+    selection that meets ``max_fit_error`` (:func:`emakit._planning.fit._prune_candidates`),
+    and every other snapshot is dropped: so the work grows linearly with the number of
+    snapshots, not with its fourth power (each removal tried is a solve over all that remain).
+    """
+    keep, _ = _prune_candidates(infos, targets, t, max_fit_error)
+    outside = set(range(len(infos))) - set(keep)
+    chosen = [infos[i] for i in keep]
+    if outside:  # the others are gone already: start from the fit of these
+        before = _worst(chosen, targets, [t])[0]
+    gone, after = _lazy_greedy(chosen, targets, t, max_fit_error, before)
+    return outside | {keep[i] for i in gone}, after
+
+
+def _lazy_greedy(infos: Sequence, targets: Sequence[float], t: float, max_fit_error: float, before: float):
     gone: set[int] = set()
     after = before
     heap = [(_worst(infos[:i] + infos[i + 1 :], targets, [t])[0], i) for i in range(len(infos) - 1)]

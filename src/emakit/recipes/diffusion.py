@@ -159,6 +159,24 @@ def _parse(text: str, current: Any, key: str) -> Any:
 # --------------------------------------------------------------------------- training
 
 
+def cpu_threads() -> int:
+    """Intra-op threads for a CPU run: ``OMP_NUM_THREADS`` if set, else the usable CPUs not already busy, >= 1.
+
+    Usable: ``os.sched_getaffinity``; busy: the 1-minute load average, rounded. The threads of
+    one op wait for each other at its end, so where other processes hold the CPUs one
+    descheduled thread stalls the rest at every op. Measured with ``emakit demo --quick
+    precision=fp32`` on 2 cores: idle, 2 threads 44 s and 1 thread 70 s; beside two
+    CPU-bound processes, 1 thread 105 s, while 2 threads trained 4.7x slower than 1 thread
+    (benchmarks/run_all.py does not cover this; the figures are in README.md, Performance).
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, usable - busy)
+
+
 def resolve(cfg: Config) -> tuple[torch.device, torch.dtype | None, bool]:
     """(device, autocast dtype or None, use GradScaler)."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -360,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"--resume": "resume=true", "--overwrite": "overwrite=true"}  # `--resume` reads as resume=true
     try:
         cfg = Config.from_overrides([flags.get(a, a) for a in args])
+        torch.set_num_threads(cpu_threads())
         result = train(cfg)
     except (ValueError, OSError) as e:  # a bad config, a run in the way, a full disk: the message says what to do
         print(f"error: {e}", file=sys.stderr)
