@@ -36,7 +36,7 @@ from ._posthoc.raw_files import CheckpointSourceError
 from ._posthoc.raw_sweep import sweep_checkpoints
 from ._posthoc.solve import _normal_equations, _target
 from ._posthoc.stream import _out_dtype, _progress, _read_extras, _weighted_sums
-from ._posthoc.sweep import SweepResult, as_metrics, check_grid, golden_section, write_report
+from ._posthoc.sweep import SweepResult, as_metrics, check_grid, golden_section, search_budget, write_report
 from .snapshots import (
     SnapshotError,
     SnapshotInfo,
@@ -430,9 +430,7 @@ def _score_grid(infos, grid, score_batch, max_memory: int) -> None:
 
 
 def _search(infos, grid, t, score_batch, scored, max_evaluations, lower_is_better) -> None:
-    budget = max_evaluations if max_evaluations is not None else max(4, len(grid) // 2)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
-        raise ValueError(f"sweep: max_evaluations must be an int >= 2, got max_evaluations={max_evaluations!r}")
+    budget = search_budget(max_evaluations, grid)
     lo, hi = grid[0], grid[-1]
     reliable = reliable_range(infos, t=t)
     if reliable is not None:

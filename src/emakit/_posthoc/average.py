@@ -13,7 +13,7 @@ anything is written.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class Averaged:
     error_estimate: float | None = None
     #: Checkpoints not read because their weight was negligible (< 1e-10 of the total).
     skipped: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """A few lines for people: what, from which checkpoints, and how well they support it."""
@@ -61,7 +60,7 @@ class Averaged:
             )
         if self.skipped:
             lines.append(f"{self.skipped} older checkpoints weigh < 1e-10 and were not read")
-        return "\n".join([*lines, *self.notes])
+        return "\n".join(lines)
 
 
 def _rms(tensors: Mapping[str, Tensor]) -> float:

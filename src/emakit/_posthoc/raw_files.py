@@ -75,10 +75,6 @@ class RawCheckpoint:
         obj = _load_dcp(self.path) if self.form == "dcp" else torch_load(self.path, trust)
         return _named(self.path, state_dict_of(self.path, obj, key))
 
-    def container(self, trust: bool = False) -> Any:
-        """The whole loaded file (to write an average back in the same format)."""
-        return torch_load(self.path, trust)
-
 
 # --------------------------------------------------------------------------- finding checkpoints
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from . import raw_weights
 from .average import average_many
 from .raw_files import WHERE, CheckpointSourceError, RawCheckpoint, find
-from .sweep import SweepResult, as_metrics, check_grid, golden_section, write_report
+from .sweep import SweepResult, as_metrics, check_grid, golden_section, search_budget, write_report
 
 
 def match_to_model(state: Mapping[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
@@ -108,9 +108,7 @@ def _rebuild(chosen: list[RawCheckpoint], values: list[float], key, trust) -> li
 
 
 def _search(grid, score_batch, scored, max_evaluations, lower_is_better) -> None:
-    budget = max_evaluations if max_evaluations is not None else max(4, len(grid) // 2)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
-        raise ValueError(f"sweep: max_evaluations must be an int >= 2, got max_evaluations={max_evaluations!r}")
+    budget = search_budget(max_evaluations, grid)
 
     def one(s: float) -> float:
         score_batch([s])

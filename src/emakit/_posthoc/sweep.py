@@ -191,6 +191,14 @@ def plot_sweep(path: Path, result: SweepResult) -> None:
     plt.close(fig)
 
 
+def search_budget(max_evaluations: int | None, grid: Sequence[float]) -> int:
+    """Evaluations a golden-section search may spend: ``max_evaluations``, or half the grid (at least 4)."""
+    budget = max_evaluations if max_evaluations is not None else max(4, len(grid) // 2)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2:
+        raise ValueError(f"sweep: max_evaluations must be an int >= 2, got max_evaluations={max_evaluations!r}")
+    return budget
+
+
 def check_grid(values: Sequence[float] | float) -> list[float]:
     """``sigma_rel`` values for a sweep: a non-empty list of distinct numbers in ``(0, 0.2887)``."""
     from ..schedules import SIGMA_REL_MAX
