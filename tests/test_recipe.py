@@ -1,5 +1,6 @@
 """The diffusion recipe: config overrides, exact resume, atomic checkpoints, the sampler."""
 
+import dataclasses
 import json
 import os
 
@@ -19,6 +20,7 @@ TINY = [
     "log_every=5",
     "progress=false",
     "sigma_rels=0.05,0.1",
+    "precision=bf16",  # pinned: RECORDED_LOSSES are bf16 autocast whatever this CPU's auto picks
 ]
 
 
@@ -61,6 +63,21 @@ def test_resume_continues_exactly(tmp_path):
 
 
 RECORDED_LOSSES = [0.971962034702301, 0.9686286747455597, 0.9867613911628723]  # steps 5, 10, 15
+
+
+def test_auto_precision_uses_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    cpu, real = D.Config(device="cpu"), D.cpu_has_fast_bf16
+    monkeypatch.setattr(D, "cpu_has_fast_bf16", lambda: False)
+    assert D.resolve(cpu) == (torch.device("cpu"), None, False)
+    assert D.resolve(dataclasses.replace(cpu, precision="bf16"))[1] is torch.bfloat16  # asked for: given
+    monkeypatch.setattr(D, "cpu_has_fast_bf16", lambda: True)
+    assert D.resolve(cpu) == (torch.device("cpu"), torch.bfloat16, False)
+    with pytest.raises(ValueError, match="precision=fp16 needs a CUDA device"):
+        D.resolve(dataclasses.replace(cpu, precision="fp16"))
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+        assert real() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def test_interrupted_checkpoint_never_loads(tmp_path, monkeypatch):

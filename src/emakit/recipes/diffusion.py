@@ -5,7 +5,8 @@ It trains the way Stable Diffusion is trained, at the size of a CPU:
 
 - data: scikit-learn's bundled 8x8 digits (no download), scaled to [-1, 1];
 - DDPM forward noising, epsilon prediction, MSE loss, AdamW;
-- mixed precision: bf16 autocast on CPU, fp16 autocast + GradScaler on CUDA;
+- mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on a CPU with native
+  bf16 (AVX512-BF16/AMX; elsewhere fp32, since emulated bf16 is about 10x slower);
 - gradient accumulation (loss / accum_steps; the EMAs update once per optimizer step);
 - a classic EMA and a PowerEMA with snapshots for post-hoc EMA;
 - tqdm progress bar, a JSONL log (and TensorBoard when installed);
@@ -82,7 +83,7 @@ class Config:
     weight_decay: float = 0.0
     hidden: int = 768  # MLP width: 768 -> ~1.3M parameters
     diffusion_steps: int = 1000  # DDPM timesteps T
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 needs CUDA; uses GradScaler)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 needs CUDA; auto: cpu_has_fast_bf16)
     device: str = "auto"
     # Classic EMA: a constant decay per optimizer step (0 disables it).
     ema_decay: float = 0.999
@@ -177,12 +178,29 @@ def cpu_threads() -> int:
     return max(1, usable - busy)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), as ``precision=auto`` asks.
+
+    Without it, bf16 autocast is emulated: on this project's AVX2 machine one training step of
+    the recipe took about 11x as long as in fp32 (0.55 s vs 0.05 s), turning the quick demo's
+    minute into 12 minutes.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux: ask oneDNN, which says yes for AVX512 cores and Apple's bf16
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve(cfg: Config) -> tuple[torch.device, torch.dtype | None, bool]:
     """(device, autocast dtype or None, use GradScaler)."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     precision = cfg.precision
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "bf16"
+        precision = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision=fp16 needs a CUDA device (CPU autocast uses bf16)")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
