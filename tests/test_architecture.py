@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "_files.snapshot_read": 3,
     "_files.snapshot_write": 4,
     "snapshots": 5,
+    "_files.snapshot_check": 6,
     # the averager's rooms
     "_engine.storage": 1,
     "_engine.nonfinite": 1,

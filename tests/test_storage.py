@@ -136,19 +136,75 @@ def test_read_ahead_names_the_corrupted_tensor_and_a_truncated_file(tmp_path):
     assert len(problems) == 1 and infos[2].path.name in problems[0], problems
 
 
-def test_read_ahead_reorders_into_blocks_but_keeps_each_key_in_file_order(tmp_path, monkeypatch):
-    monkeypatch.setattr(read_ahead, "_BLOCK", 64)  # a few tensors per block
-    monkeypatch.setattr(read_ahead, "AHEAD_BYTES", 100)
-    infos = _run(tmp_path, count=3)
+@pytest.mark.parametrize("chunk", [64, 96, 1 << 22])  # pieces of large tensors / groups of several names / one read
+def test_reconstruct_on_the_workers_is_the_float64_sum_at_any_chunk_size(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(read_ahead, "CHUNK", chunk)  # 64 bytes: the 6x5 weight (120 bytes) comes in two pieces
+    infos = _run(tmp_path)
+    for sigma_rels in ([0.08], [0.06, 0.09]):  # one and two solutions summed in one pass
+        sols = [posthoc.solve_coefficients(infos, s) for s in sigma_rels]
+        got = posthoc.reconstruct(infos, sigma_rel=sigma_rels if len(sigma_rels) > 1 else sigma_rels[0],
+                                  progress=False, dtype=torch.float64, accumulate=torch.float64)  # fmt: skip
+        for sol, out in zip(sols, got if len(sigma_rels) > 1 else [got]):
+            want = _float64_sum(sol.snapshots, sol.weights)
+            assert [name for name in out if name in want] == list(want)
+            for name, value in want.items():
+                assert_close(out[name], value, rtol=1e-12, atol=1e-12)
+                assert out[name].untyped_storage().nbytes() == value.numel() * 8  # memory of its own
+    assert verify.verify([tmp_path]) == []
+
+
+def test_run_groups_hands_every_piece_once_in_order_and_checks_large_tensors_after_their_last_piece(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(read_ahead, "CHUNK", 64)
+    infos = _run(tmp_path, count=2)
     keys = [f"avg.{j}/{n}" for j in range(2) for n in infos[0].averaged]
-    seen = [(info.t, key, value.clone()) for info, key, value in
-            read_ahead.read_ahead([(i, k) for i in infos for k in keys], recycle=True, reorder=True)]  # fmt: skip
-    assert sorted((t, k) for t, k, _ in seen) == sorted((i.t, k) for i in infos for k in keys)
-    for key in keys:
-        assert [t for t, k, _ in seen if k == key] == [i.t for i in infos]
-    for t, key, value in seen:
-        with safe_open(str(next(i for i in infos if i.t == t).path), framework="pt") as f:
-            assert torch.equal(value, f.get_tensor(key))
+    seen: dict = {}
+
+    def collect(info, pieces, data):
+        for piece in pieces:
+            seen.setdefault((info.t, piece.key), []).append((piece.start, piece.of(data).clone()))
+
+    finished = []
+    groups = [([(info, key) for key in keys], collect, lambda t=info.t: finished.append(t)) for info in infos]
+    assert sorted(n for n, error in read_ahead.run_groups(groups) if error is None) == [0, 1]
+    assert sorted(finished) == sorted(i.t for i in infos)
+    for info in infos:
+        with safe_open(str(info.path), framework="pt") as f:
+            for key in keys:
+                pieces = seen[(info.t, key)]
+                assert [s for s, _ in pieces] == sorted(s for s, _ in pieces)  # in order
+                assert torch.equal(torch.cat([p for _, p in pieces]), f.get_tensor(key).reshape(-1))
+    assert len(seen[(infos[0].t, "avg.0/0.weight")]) == 2  # 120 bytes in pieces of 64
+    # A flipped bit in the second piece of the large tensor: an error for that group only, after the pieces.
+    data = bytearray(infos[1].path.read_bytes())
+    data[read_ahead._layout(infos[1].path)["avg.0/0.weight"][2] + 100] ^= 0x01
+    infos[1].path.write_bytes(bytes(data))
+    seen.clear()
+    results = dict(read_ahead.run_groups(groups))
+    assert results[0] is None
+    assert isinstance(results[1], snapshots.SnapshotError) and "'avg.0/0.weight' does not match" in str(results[1])
+    problems = verify.verify([infos[1].path])
+    assert len(problems) == 1 and "'avg.0/0.weight' does not match its checksum" in problems[0], problems
+
+
+def test_verify_names_nonfinite_tensors_in_any_piece_and_run_groups_a_missing_tensor(tmp_path, monkeypatch):
+    monkeypatch.setattr(read_ahead, "CHUNK", 64)
+    infos = _run(tmp_path)
+    with safe_open(str(infos[0].path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["avg.1/0.weight"][4, 3] = float("nan")  # the second piece of a tensor read in two
+    tensors["avg.0/1.bias"][0] = float("inf")  # a small tensor read beside others
+    checksums_ = json.loads(meta["checksums"])
+    for key in ("avg.1/0.weight", "avg.0/1.bias"):
+        checksums_[key] = checksums.hex_digest(tensors[key], meta.get("checksum_algorithm", "crc32"))
+    save_file(tensors, str(infos[0].path), metadata={**meta, "checksums": json.dumps(checksums_)})
+    problems = verify.verify([tmp_path])
+    assert problems == [f"{infos[0].path}: 2 tensor(s) hold NaN or inf: 'avg.0/1.bias', 'avg.1/0.weight'"], problems
+    with pytest.raises(snapshots.SnapshotError, match="holds NaN or Inf"):
+        posthoc.reconstruct(tmp_path, sigma_rel=0.08, progress=False)
+    results = list(read_ahead.run_groups([([(infos[1], "avg.0/0.bias"), (infos[1], "avg.7/0.bias")], lambda *a: None)]))
+    assert len(results) == 1 and f"{infos[1].path}: holds no tensor 'avg.7/0.bias'" in str(results[0][1]), results
 
 
 def test_ema_save_checksums_what_it_writes_without_reading_it_back(tmp_path, monkeypatch):

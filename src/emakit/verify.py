@@ -16,7 +16,6 @@ DCP folders hold a pickled ``.metadata``: they are read only with ``trust=True``
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,7 +29,7 @@ from . import posthoc, snapshots
 from ._engine.checkpoint import STATE_VERSION
 from ._engine.clock import check_time
 from ._files import dcp as _dcp
-from ._files import read_ahead as _read_ahead
+from ._files.snapshot_check import _first_line, _named, _names, _read_errors, check_snapshots
 
 __all__ = ["CHECKPOINT_FORMATS", "needs_trust", "verify"]
 
@@ -46,8 +45,6 @@ _DCP_CHECKPOINT = "DCP checkpoint (EMA.save)"
 _BATCH_BYTES = 256 << 20
 #: safetensors' own cap on a header's size: a larger length field is damage (never read).
 _MAX_HEADER = 100_000_000
-#: Names listed in one problem line before "...".
-_SHOWN = 3
 
 
 def verify(paths: Iterable[str | os.PathLike], *, trust: bool = False) -> list[str]:
@@ -119,35 +116,6 @@ def _check_path(path: Path) -> list[str]:
         return [f"{path}: cannot read: {e.strerror or e}"]
 
 
-def _first_line(error: BaseException, path: Path | None = None) -> str:
-    """The first line of an error's message (without ``path``'s prefix); foreign errors keep their type name."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    text = lines[0].removeprefix(f"{path}: ") if path is not None else lines[0]
-    return text if isinstance(error, snapshots.SnapshotError) else f"{type(error).__name__}: {text}"
-
-
-def _named(path: Path, error: BaseException) -> str:
-    """A problem line from an error whose message may already start with the path."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if text.startswith(str(path)) else f"{path}: {text}"
-
-
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """What reading a damaged file can raise; torch's ``CheckpointException`` is a ``BaseException``."""
-    try:
-        from torch.distributed.checkpoint.api import CheckpointException
-    except ImportError:  # torch built without distributed
-        return (Exception,)
-    return (Exception, CheckpointException)
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:_SHOWN])
-    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
-
-
 # --------------------------------------------------------------------------- snapshots
 
 
@@ -157,57 +125,18 @@ def _check_directory(path: Path) -> list[str]:
         return [
             f"{path}: no snapshots (phema-*.safetensors files, phema-*.shards or .dcp directories) in this directory"
         ]
-    problems = []
-    for snapshot in paths:
-        problems += _check_snapshot(snapshot)
+    checks = check_snapshots(paths)
+    problems = [line for check in checks for line in check.problems()]
     if not problems:  # each one is fine: do they come from one run?
         try:
-            posthoc.list_snapshots(path)
+            posthoc._check_same_run(sorted((c.info for c in checks), key=lambda info: info.t))
         except snapshots.SnapshotError as e:
             problems.append(_named(path, e))
     return problems
 
 
 def _check_snapshot(path: Path) -> list[str]:
-    try:
-        info = snapshots.read_info(path)
-    except snapshots.SnapshotError as e:
-        return [_named(path, e)]
-    problems = []
-    if not info.dtype.is_floating_point:
-        problems.append(f"{path}: averages stored as {info.dtype}, expected a floating dtype")
-    order = [f"avg.{j}/{n}" for j in range(info.num_profiles) for n in info.averaged]
-    order += [f"copy/{n}" for n in info.copied] + [f"static/{n}" for n in info.static]
-    trust = {"trust": True} if "trust" in inspect.signature(snapshots.open_tensors).parameters else {}
-    nonfinite: list[str] = []
-    try:
-        reader = snapshots.open_tensors(info, order, **trust)  # the caller vouched for DCP folders
-    except _read_errors() as e:
-        return [*problems, f"{path}: cannot open the tensors: {_first_line(e, path)}"]
-    try:
-        tensors = _read_ahead.tensors(info, order, reader)
-        while True:
-            try:
-                key, value = next(tensors)
-            except StopIteration:
-                break
-            except _read_errors() as e:
-                problems.append(f"{path}: cannot read the tensors: {_first_line(e, path)}")
-                break
-            name = key.split("/", 1)[1]
-            if tuple(value.shape) != tuple(info.shapes[name]):
-                problems.append(f"{path}: {key!r} has shape {tuple(value.shape)}, the header says {info.shapes[name]}")
-            if key.startswith("avg.") and value.dtype != info.dtype:
-                problems.append(f"{path}: {key!r} is {value.dtype}, the header says {info.dtype}")
-            # A sum is NaN/Inf when an element is (30x faster than isfinite); an overflowing sum is confirmed.
-            if value.is_floating_point() and not bool(torch.isfinite(value.sum())):
-                if not bool(torch.isfinite(value).all()):
-                    nonfinite.append(key)
-    finally:
-        reader.close()
-    if nonfinite:
-        problems.append(f"{path}: {len(nonfinite)} tensor(s) hold NaN or inf: {_names(nonfinite)}")
-    return problems
+    return check_snapshots([path])[0].problems()
 
 
 # --------------------------------------------------------------------------- single files

@@ -1,29 +1,36 @@
-"""Reading tensors of single-file snapshots ahead of their use: on threads, into tensors of their own, checked.
+"""Reading plain snapshot files on worker threads, each checked piece handed to the caller's function there.
 
-Owns the fast path under reconstruction and ``emakit verify``: given ``(snapshot, key)`` pairs
-in the order they will be used, from any number of plain (not compact) ``phema-<t>.safetensors``
-files, :func:`read_ahead` reads each tensor with ``os.preadv`` and takes its checksum on the
-checksum threads (both release the GIL), up to :data:`AHEAD_BYTES` ahead of the caller, who
-gets each tensor only once it matched its header checksum. So the caller's work on one tensor
-(a weighted sum) overlaps the reading and checking of the next ones, and the order may run
-across files (a tensor of every snapshot in turn, keeping the sum in cache). Offsets come
-from each file's safetensors header, checked against the file's size and the tensors'
-shapes and dtypes.
+Owns the fast path under reconstruction and ``emakit verify``: given groups of ``(snapshot,
+key)`` pairs from any number of plain (not compact) ``phema-<t>.safetensors`` files,
+:func:`run_groups` runs every group on a worker thread (the checksum threads), reading its
+tensors with ``os.preadv`` into a buffer of the thread's own (:data:`CHUNK` bytes: tensors
+side by side in a file in one read, a larger tensor in pieces), taking each checksum while the
+bytes are still in that core's cache, and calling the group's function on each piece there (a
+weighted sum, a finiteness test), so the bytes are touched once by one core. The function
+gets every read whole (the tensors side by side in it, each already checked), so its work can
+be one operation per read instead of one per tensor. Groups run concurrently, the items of one
+group in their order; a group's function must touch only state of its own group. Offsets come
+from each file's safetensors header, checked against the file's size and the tensors' shapes
+and dtypes.
 
-    for info, key, value in read_ahead([(info, "avg.0/w") for info in infos]):
-        ...
+    def add(info, pieces, data):                    # data: the bytes read; pieces: the tensors in it
+        for piece in pieces:
+            x = piece.of(data)                      # flat: elements piece.start.. of piece.key
+    for n, error in run_groups([(items, add), ...]):     # each group as it finishes
+        if error is not None:
+            raise error
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import json
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,12 +38,12 @@ from torch import Tensor
 from . import checksums as _checksums
 from .header import SnapshotError, SnapshotInfo
 
-#: Bytes of tensors read and checked ahead of the one in use (also at most 64 tensors).
-AHEAD_BYTES = 64 << 20
-#: Bytes read in one call at most (tensors side by side in a file).
-_GROUP = 16 << 20
-#: Bytes of a file's tensors that :func:`read_ahead` takes from every file in turn (``reorder``).
-_BLOCK = 4 << 20
+#: Bytes read in one call at most, and the size of each worker's buffer: small enough that a
+#: checksum and the caller's work on the bytes find them in cache (1-4 MiB measured alike here;
+#: 16 MiB read 30% slower).
+CHUNK = 4 << 20
+#: Bytes of one file per group that :func:`in_chunks` cuts (a few reads: fewer hand-overs between threads).
+_GROUP = 4 * CHUNK
 #: Files kept open at once; past that each read opens its file itself.
 _OPEN_FILES = 256
 #: Largest safetensors header read (safetensors' own limit is 100 MB).
@@ -49,8 +56,30 @@ _DTYPES = {
 }  # fmt: skip
 
 
+
+class Piece(NamedTuple):
+    """Elements ``start:`` of tensor ``key`` (of ``dtype`` and ``shape``), held by bytes ``at:at + nbytes`` of a read."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    at: int
+    nbytes: int
+
+    def of(self, data: Tensor) -> Tensor:
+        """The piece as a flat tensor of its dtype, from the read's bytes ``data`` (copied where misaligned)."""
+        raw = data[self.at : self.at + self.nbytes]
+        return (raw if self.at % self.dtype.itemsize == 0 else raw.clone()).view(self.dtype)
+
+
+#: ``fn(info, pieces, data)``: ``data`` is the flat uint8 tensor of one read of ``info``'s file (valid only
+#: during the call), ``pieces`` the tensors (or the part of one large tensor) it holds, in file order.
+PieceFn = Callable[[SnapshotInfo, list[Piece], Tensor], None]
+
+
 def supports(info: SnapshotInfo) -> bool:
-    """Whether :func:`read_ahead` reads this snapshot: a single file whose tensors are stored as they are."""
+    """Whether :func:`run_groups` reads this snapshot: a single file whose tensors are stored as they are."""
     return not info.sharded and info.encoding == "fp32"
 
 
@@ -78,174 +107,187 @@ def _layout(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, in
     return table
 
 
-def _read(path: Path, fd: int | None, entries: list[tuple], algorithm: str | None, buf: Tensor) -> tuple:
-    """Adjacent tensors of ``path`` read in one go into ``buf``: ``([(tensor, checksum or None)], buf)``."""
-    start = entries[0][2]
-    total = entries[-1][2] + entries[-1][3] - start
-    view = memoryview(_checksums.buffer_of(buf)).cast("B")[:total] if total else memoryview(b"")
-    own = fd is None
-    if own:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < total:
-            got = os.preadv(fd, [view[done:]], start + done)
-            if got <= 0:
-                raise OSError(f"the file ends {total - done} bytes before its tensors do (truncated?)")
-            done += got
-    finally:
-        if own:
-            os.close(fd)
-    out = []
-    for dtype, shape, offset, nbytes in entries:
-        a = offset - start
-        raw = buf[a : a + nbytes] if a % dtype.itemsize == 0 else buf[a : a + nbytes].clone()
-        digest = None if algorithm is None else f"{_checksums.extend(0, view[a : a + nbytes], algorithm):08x}"
-        out.append((raw.view(dtype).view(shape), digest))
-    return out, buf
+def run_groups(groups: Iterable[tuple], layouts: dict[Path, dict] | None = None) -> Iterator[tuple[int, Exception | None]]:
+    """Run each group's function on every piece of its items on the worker threads; yield ``(index, error)`` of
+    each group as it finishes (in the order they finish; ``error`` None when it went through).
 
+    A group is ``(items, fn)`` or ``(items, fn, finish)``: ``items`` are ``(info, key)`` pairs,
+    ``fn`` a :data:`PieceFn`, ``finish()`` runs on the same thread after the group's last
+    piece. Each group is handed to the workers as soon as ``groups`` gives it, so the caller
+    may build the next ones (read headers) while the first are read.
 
-def read_ahead(
-    items: Iterable[tuple[SnapshotInfo, str]], *, recycle: bool = False, reorder: bool = False,
-    ahead: int = AHEAD_BYTES,
-) -> Iterator[tuple]:
-    """``(info, key, tensor)`` of each ``(info, key)`` in order, each checked before it is yielded.
-
-    ``info`` must be a snapshot :func:`supports` reads. Errors are :class:`SnapshotError`
-    naming the file: a tensor the file does not hold, a short file, a checksum mismatch.
-    Consecutive items that lie side by side in a file are read in one call (up to 16 MiB);
-    ``reorder=True`` yields them in blocks instead: the tensors of a few MiB of a file's layout
-    from every file in turn (each file's in its order), so a sum over the files of each
-    tensor stays in cache; every key still comes file after file in the order given.
-    ``recycle=True``: each tensor is valid only until the next one is taken or the iteration
-    ends (its memory is read into again, also by later calls).
+    Every ``info`` must be a snapshot :func:`supports` reads. Tensors of up to :data:`CHUNK`
+    bytes come whole, side by side in one read of up to that size, each checked against its
+    checksum before the function sees it; a larger one comes alone, in pieces of at most that
+    size, in order, and its checksum is known only after the last: where a group has an
+    error, whatever its function built must be dropped. A group's error stops that group
+    only: a :class:`SnapshotError` naming the file (not a safetensors file, a tensor it does
+    not hold, a short file, a checksum mismatch), or what its function raised. Stopping the
+    iteration early cancels the groups not started and waits for the running ones.
+    ``layouts``: the files' tables read before (:func:`in_chunks`), filled in as the workers
+    read more. Each worker runs torch with one intra-op thread: the workers are the
+    parallelism (two of them on two cores would otherwise run four threads).
     """
-    layouts: dict[Path, dict] = {}
-    fds: dict[Path, int] = {}
-    pending: collections.deque = collections.deque()
-    spare = _Spare(recycle, ahead)
-    group: list = []  # (info, key, entry) side by side in one file, not yet submitted
-
-    def submit() -> None:
-        info, entries = group[0][0], [e for _, _, e in group]
-        algorithm = info.checksum_algorithm if info.checksums is not None else None
-        nbytes = entries[-1][2] + entries[-1][3] - entries[0][2]
-        job = _checksums.pool().submit(_read, info.path, fds.get(info.path), entries, algorithm, spare.take(nbytes))
-        pending.append((info, [key for _, key, _ in group], job, nbytes))
-        group.clear()
-
+    files = _Files({} if layouts is None else layouts)
+    futures: dict[concurrent.futures.Future, int] = {}
     try:
-        for info, key, entry in _entries(items, layouts, fds, reorder):
-            if group and (group[0][0] is not info or entry[2] != group[-1][2][2] + group[-1][2][3]
-                          or entry[2] + entry[3] - group[0][2][2] > _GROUP):  # fmt: skip
-                submit()
-            group.append((info, key, entry))
-            while pending and (sum(p[3] for p in pending) >= ahead or len(pending) > 64):
-                yield from spare.lend(*_checked(*pending.popleft()[:3]))
-        if group:
-            submit()
-        while pending:
-            yield from spare.lend(*_checked(*pending.popleft()[:3]))
+        pool = _checksums.pool()
+        for n, (items, fn, *finish) in enumerate(groups):
+            futures[pool.submit(_run_group, items, fn, finish[0] if finish else None, files)] = n
+        for future in concurrent.futures.as_completed(futures):
+            error = future.exception()
+            if error is not None and not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt, SystemExit
+            yield futures[future], error
     finally:
-        jobs = [job for _, _, job, _ in pending]
-        concurrent.futures.wait(jobs)  # no read left on a file about to close
-        spare.close(jobs)
-        for fd in fds.values():
-            os.close(fd)
+        for future in futures:
+            future.cancel()
+        concurrent.futures.wait(futures)  # no read left on a file about to close
+        files.close()
 
 
-def _entries(items: Iterable[tuple], layouts: dict, fds: dict, reorder: bool) -> Iterator[tuple]:
-    """``(info, key, (dtype, shape, offset, nbytes))`` of each item, in the order :func:`read_ahead` yields them."""
-    entries, files = [], {}
-    for info, key in items:
-        if info.path not in layouts:
-            layouts[info.path] = _layout(info.path)
-            if len(fds) < _OPEN_FILES:
-                fds[info.path] = os.open(info.path, os.O_RDONLY)
-        entry = layouts[info.path].get(key)
+class _Files:
+    """The files' tables and open descriptors, shared by the workers of one :func:`run_groups`."""
+
+    def __init__(self, layouts: dict[Path, dict]) -> None:
+        self.layouts, self.fds, self.lock = layouts, {}, threading.Lock()
+
+    def entry(self, info: SnapshotInfo, key: str) -> tuple:
+        """``(dtype, shape, file offset, bytes)`` of ``key`` in ``info``'s file (its header read on first use)."""
+        layout = self.layouts.get(info.path)
+        if layout is None:
+            with self.lock:
+                if info.path not in self.layouts:
+                    self.layouts[info.path] = _layout(info.path)
+                    if len(self.fds) < _OPEN_FILES:
+                        self.fds[info.path] = os.open(info.path, os.O_RDONLY)
+                layout = self.layouts[info.path]
+        entry = layout.get(key)
         if entry is None:
             raise SnapshotError(f"{info.path}: holds no tensor {key!r} (truncated or corrupted?)")
-        if not reorder:
-            yield info, key, entry
-            continue
-        files.setdefault(info.path, len(files))
-        entries.append((info, key, entry))
-    if not reorder:
-        return
-    # Blocks of keys, a few MiB of the first file that holds them each, in file order.
-    block: dict[str, int] = {}
-    count, filled = -1, _BLOCK
-    for _, key, entry in sorted(entries, key=lambda e: (files[e[0].path], e[2][2])):
-        if key not in block:
-            if filled + entry[3] > _BLOCK:
-                count, filled = count + 1, 0
-            filled += entry[3]
-            block[key] = count
-    yield from sorted(entries, key=lambda e: (block[e[1]], files[e[0].path], e[2][2]))
+        return entry
+
+    def close(self) -> None:
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
 
 
-def tensors(info: SnapshotInfo, keys: list[str], reader) -> Iterator[tuple[str, Tensor]]:
-    """``(key, tensor)`` of every key of one snapshot: read ahead (in file order, each valid until the next) where
-    :func:`supports` says so, else ``reader.get(key)`` in order."""
-    if supports(info):
-        for _, key, value in read_ahead([(info, key) for key in keys], recycle=True, reorder=True):
-            yield key, value
-    else:
-        for key in keys:
-            yield key, reader.get(key)
+def in_chunks(info: SnapshotInfo, keys: Sequence[str], layouts: dict[Path, dict]) -> list[list[str]]:
+    """``keys`` of one snapshot :func:`supports` reads, in their order, cut into groups of about 4 x :data:`CHUNK`
+    bytes (one key at least): groups for :func:`run_groups` that keep every worker busy on one file. The
+    file's table goes into ``layouts``; :class:`SnapshotError` when it is not a safetensors file or lacks a key."""
+    if info.path not in layouts:
+        layouts[info.path] = _layout(info.path)
+    layout = layouts[info.path]
+    groups: list[list[str]] = []
+    size = 0
+    for key in keys:
+        if key not in layout:
+            raise SnapshotError(f"{info.path}: holds no tensor {key!r} (truncated or corrupted?)")
+        nbytes = layout[key][3]
+        if not groups or (size and size + nbytes > _GROUP):
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    return groups
 
 
-#: Buffers read into before, kept between calls (at most 2 x AHEAD_BYTES): fresh memory costs a page fault
-#: every 4 KiB, more than the read itself.
-_POOL: dict[int, list[Tensor]] = {}
-_POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()
 
 
-class _Spare:
-    """Byte buffers to read into again, by size: the one lent last comes back when the next is lent."""
-
-    def __init__(self, recycle: bool, ahead: int) -> None:
-        self._limit, self._lent = (2 * ahead if recycle else 0), None
-
-    def take(self, nbytes: int) -> Tensor:
-        size = -(-nbytes // (1 << 20)) << 20  # whole MiB: groups of other sizes share buffers
-        with _POOL_LOCK:
-            if self._limit and _POOL.get(size):
-                return _POOL[size].pop()
-        return torch.empty(size, dtype=torch.uint8)
-
-    def give(self, buf: Tensor | None) -> None:
-        if buf is None or not self._limit:
-            return
-        with _POOL_LOCK:
-            if sum(b.numel() for kept in _POOL.values() for b in kept) + buf.numel() <= self._limit:
-                _POOL.setdefault(buf.numel(), []).append(buf)
-
-    def lend(self, items: list[tuple], buf: Tensor) -> list[tuple]:
-        """``items``, read into ``buf``; the buffer lent before is free again."""
-        self.give(self._lent)
-        self._lent = buf if self._limit else None
-        return items
-
-    def close(self, jobs: list) -> None:
-        """Every buffer back: the one lent last and those of reads not taken (``jobs``, finished)."""
-        self.give(self._lent)
-        self._lent = None
-        for job in jobs:
-            if not job.cancelled() and job.exception() is None:
-                self.give(job.result()[1])
+def _buffer() -> tuple[Tensor, memoryview]:
+    """This thread's read buffer (kept: fresh memory costs a page fault every 4 KiB, more than the read itself)."""
+    if getattr(_LOCAL, "buf", None) is None or _LOCAL.buf.numel() != CHUNK:
+        _LOCAL.buf = torch.empty(CHUNK, dtype=torch.uint8)
+        _LOCAL.view = memoryview(_checksums.buffer_of(_LOCAL.buf)).cast("B")
+    return _LOCAL.buf, _LOCAL.view
 
 
-def _checked(info: SnapshotInfo, keys: list[str], job: concurrent.futures.Future) -> tuple[list[tuple], Tensor]:
-    """``([(info, key, tensor)], buffer)`` of a finished read, each tensor checked against its checksum."""
+def _run_group(items: Sequence[tuple], fn: PieceFn, finish: Callable[[], None] | None, files: _Files) -> None:
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)  # this thread's OpenMP setting; the caller's stays as it is
     try:
-        results, buf = job.result()
+        buf, view = _buffer()
+        run: list[tuple] = []
+        for info, key in items:
+            item = (info, key, files.entry(info, key))
+            _, _, (_, _, offset, nbytes) = item
+            if run and (run[0][0] is not info or offset != run[-1][2][2] + run[-1][2][3]
+                        or offset + nbytes - run[0][2][2] > CHUNK):  # fmt: skip
+                _read_run(run, fn, files.fds, buf, view)
+                run = []
+            if nbytes > CHUNK:
+                _read_large(item, fn, files.fds, buf, view)
+            else:
+                run.append(item)
+        if run:
+            _read_run(run, fn, files.fds, buf, view)
+        if finish is not None:
+            finish()
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+
+
+def _pread(info: SnapshotInfo, fds: dict, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``info``'s file at ``offset``."""
+    fd = fds.get(info.path)
+    own = fd is None
+    try:
+        if own:
+            fd = os.open(info.path, os.O_RDONLY)
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"the file ends {len(view) - done} bytes before its tensors do (truncated?)")
+            done += got
     except OSError as e:
-        raise SnapshotError(f"{info.path}: cannot read tensors {keys[:3]}: {e}") from None
-    for key, (_, digest) in zip(keys, results):
-        if digest is not None and digest != info.checksums.get(key, digest):
-            raise SnapshotError(
-                f"{info.path}: tensor {key!r} does not match its checksum: the file is corrupted "
-                f"(a flipped bit, or data swapped between tensors)"
-            )
-    return [(info, key, value) for key, (value, _) in zip(keys, results)], buf
+        raise SnapshotError(f"{info.path}: cannot read its tensors: {e}") from None
+    finally:
+        if own and fd is not None:
+            os.close(fd)
+
+
+def _check(info: SnapshotInfo, key: str, crc: int) -> None:
+    expected = info.checksums.get(key)
+    if expected is not None and int(expected, 16) != crc:
+        raise SnapshotError(
+            f"{info.path}: tensor {key!r} does not match its checksum: the file is corrupted "
+            f"(a flipped bit, or data swapped between tensors)"
+        )
+
+
+def _read_run(run: list[tuple], fn: PieceFn, fds: dict, buf: Tensor, view: memoryview) -> None:
+    """Tensors side by side in one file, in one read: each checked, then all handed to ``fn`` at once."""
+    info, start = run[0][0], run[0][2][2]
+    total = run[-1][2][2] + run[-1][2][3] - start
+    _pread(info, fds, view[:total], start)
+    algorithm = info.checksum_algorithm if info.checksums is not None else None
+    pieces = []
+    for _, key, (dtype, shape, offset, nbytes) in run:
+        a = offset - start
+        if algorithm is not None:
+            _check(info, key, _checksums.extend(0, view[a : a + nbytes], algorithm))
+        pieces.append(Piece(key, dtype, shape, 0, a, nbytes))
+    fn(info, pieces, buf[:total])
+
+
+def _read_large(item: tuple, fn: PieceFn, fds: dict, buf: Tensor, view: memoryview) -> None:
+    """A tensor larger than the buffer, in pieces: each handed to ``fn`` as it is read, the checksum checked after."""
+    info, key, (dtype, shape, offset, nbytes) = item
+    algorithm = info.checksum_algorithm if info.checksums is not None else None
+    step = CHUNK - CHUNK % dtype.itemsize
+    crc = 0
+    for a in range(0, nbytes, step):
+        n = min(step, nbytes - a)
+        _pread(info, fds, view[:n], offset + a)
+        if algorithm is not None:
+            crc = _checksums.extend(crc, view[:n], algorithm)
+        fn(info, [Piece(key, dtype, shape, a // dtype.itemsize, 0, n)], buf[:n])
+    if algorithm is not None:
+        _check(info, key, crc)

@@ -9,6 +9,9 @@ progress bar (tqdm, when installed). Gets its weights from the solve and its rea
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -23,17 +26,17 @@ def _weighted_sums(
 ) -> list[dict[str, Tensor]]:
     """``sum_i x_i * snapshot_i`` for every solution, reading each snapshot file once, tensor by tensor.
 
-    Plain single files (``reader_for.whole_files``) are read in file order, the next tensors
-    read and checksummed on threads meanwhile (:mod:`emakit._files.read_ahead`); other
-    snapshots through ``reader_for``. NaN or Inf in a snapshot makes the sums non-finite:
-    checked once at the end, and only then are the files searched for the tensor to name.
+    Plain single files (``reader_for.whole_files``) are summed on the worker threads, a few
+    MiB of the model at a time, each piece read, checksummed and added by one core while it
+    is in cache (:class:`_Sums`); other snapshots file by file through
+    ``reader_for``. NaN or Inf in a snapshot makes the sums non-finite: checked once at the
+    end, and only then are the files searched for the tensor to name.
     """
     used = solutions[0].snapshots
     # Accumulate in fp32 at least (snapshots may be fp16/bf16), cast at the end.
     if not (isinstance(accumulate, torch.dtype) and accumulate.is_floating_point):
         raise ValueError(f"reconstruct: accumulate must be a floating torch.dtype, got accumulate={accumulate!r}")
     acc_dtype = torch.promote_types(torch.promote_types(torch.float32, accumulate), used[-1].dtype)
-    sums: list[dict[str, Tensor]] = [{} for _ in solutions]
     names = used[-1].averaged
     # (snapshot index, key) -> the (profile, name) it is the average of; a static tensor (frozen at that
     # time) is every profile's average, read once.
@@ -42,29 +45,150 @@ def _weighted_sums(
         for j in range(info.num_profiles):
             for name in names:
                 plan.setdefault((i, _average_key(info, j, name)), []).append((j, name))
-    for i, key, value in _values(used, plan, reader_for):
-        x = value.to(acc_dtype)
-        for j, name in plan[(i, key)]:
-            for sol, acc in zip(solutions, sums):
-                w = sol.weights[i][j]
-                if name in acc:
-                    acc[name].add_(x, alpha=w)
-                else:
-                    acc[name] = x * w
-            bar.update(1)
+    if getattr(reader_for, "whole_files", False) and all(_read_ahead.supports(info) for info in used):
+        total = _Sums(solutions, plan, acc_dtype)
+        groups = [(items, total.adder(n), total.finisher(n)) for n, items in enumerate(total.items)]
+        with contextlib.closing(_read_ahead.run_groups(groups)) as done:
+            for n, error in done:
+                if error is not None:
+                    raise error
+                bar.update(total.counts[n])
+        sums = total.result()
+    else:  # tensor by tensor; a sharded snapshot's reader may give this rank's part (another shape)
+        sums = [{} for _ in solutions]
+        for i, key, value in _values(used, plan, reader_for):
+            x = value.to(acc_dtype)
+            for j, name in plan[(i, key)]:
+                for sol, acc in zip(solutions, sums):
+                    if name in acc:
+                        acc[name].add_(x, alpha=sol.weights[i][j])
+                    else:
+                        acc[name] = x * sol.weights[i][j]
+                bar.update(1)
     # A sum is NaN/Inf when an element is (30x faster than isfinite); an overflowing sum is confirmed.
     if any(not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()) for v in sums[0].values()):
         _name_nonfinite(used, names, reader_for)
     return sums
 
 
+class _Sums:
+    """The weighted sums, a group of names at a time: each group one flat tensor per solution, summed by one thread.
+
+    A group is about :data:`~emakit._files.read_ahead.CHUNK` bytes of the model (one name at
+    least), its names side by side in their order, as in the files: the tensors of one read
+    that land side by side (one profile of neighbouring names) are added in one operation, and
+    a worker adding one group from every file in turn finds its sums in cache. The flat
+    tensors of a group of several names are scratch, reused by the next group (fresh memory
+    costs a page fault every 4 KiB); :meth:`finisher` copies them into each name's own tensor.
+    A group of one name sums into its tensor directly.
+    """
+
+    def __init__(self, solutions: Sequence, plan: dict, acc_dtype: torch.dtype) -> None:
+        self.solutions, self.acc_dtype = solutions, acc_dtype
+        opened: set[str] = set()  # the first term of each sum is written, not added to zeros
+        self.plan = {item: [(j, name, name not in opened and not opened.add(name)) for j, name in targets]
+                     for item, targets in plan.items()}  # fmt: skip
+        self.used = used = solutions[0].snapshots
+        self.index = {id(info): i for i, info in enumerate(used)}
+        latest = used[-1]
+        self.group_of: dict[str, int] = {}
+        self.offset: dict[str, int] = {}  # a name's first element in its group
+        self.sizes: list[int] = []  # elements per group
+        self.names_of: dict[int, list[str]] = {}
+        size = 0
+        for name in latest.averaged:
+            numel = math.prod(latest.shapes[name])
+            if not self.sizes or (size and size + numel * latest.dtype.itemsize > _read_ahead.CHUNK):
+                self.sizes.append(0)
+                size = 0
+            self.group_of[name], self.offset[name] = len(self.sizes) - 1, self.sizes[-1]
+            self.names_of.setdefault(len(self.sizes) - 1, []).append(name)
+            self.sizes[-1] += numel
+            size += numel * latest.dtype.itemsize
+        self.items: list[list[tuple[SnapshotInfo, str]]] = [[] for _ in self.sizes]
+        self.counts = [0] * len(self.sizes)  # (profile, name) terms per group, for the progress bar
+        for (i, key), targets in plan.items():
+            n = self.group_of[targets[0][1]]
+            self.items[n].append((used[i], key))
+            self.counts[n] += len(targets)
+        self.flats: list[list[Tensor] | None] = [None] * len(self.sizes)
+        self.parts: dict[str, list[Tensor]] = {}  # name -> its sum of every solution, once its group is done
+        self._scratch: list[Tensor] = []  # flat tensors of finished groups, to sum the next ones into
+        self._scratch_size = max((self.sizes[n] for n, names in self.names_of.items() if len(names) > 1), default=0)
+        self._lock = threading.Lock()
+
+    def adder(self, n: int):
+        """The :data:`~emakit._files.read_ahead.PieceFn` adding reads into group ``n``'s sums."""
+
+        def add(info: SnapshotInfo, pieces: list, data: Tensor) -> None:
+            if self.flats[n] is None:
+                self.flats[n] = self._flats(n)
+            i = self.index[id(info)]
+            for span, j, first in self._spans(i, pieces):
+                x = span.of(data).to(self.acc_dtype)
+                for sol, flat in zip(self.solutions, self.flats[n]):
+                    out = flat[span.start : span.start + x.numel()]
+                    if first:  # the first term of these sums: written, no zeros to add to
+                        torch.mul(x, sol.weights[i][j], out=out)
+                    else:
+                        out.add_(x, alpha=sol.weights[i][j])
+
+        return add
+
+    def _spans(self, i: int, pieces: list) -> list[tuple]:
+        """``(span, profile, first)`` covering ``pieces`` of snapshot ``i``: a span is a Piece whose ``start`` is
+        its first element in the group's sums; neighbours in the read and in the sums merge into one."""
+        latest, spans = self.used[-1], []
+        for piece in pieces:
+            for j, name, first in self.plan[(i, piece.key)]:
+                if tuple(piece.shape) != tuple(latest.shapes[name]):
+                    raise SnapshotError(
+                        f"{self.used[i].path}: tensor {piece.key!r} has shape {tuple(piece.shape)}, but "
+                        f"{latest.path.name} averages {name!r} with shape {tuple(latest.shapes[name])} "
+                        f"(snapshots of different models?)"
+                    )
+                at = self.offset[name] + piece.start
+                if spans:
+                    last, lj, lfirst = spans[-1]
+                    if (lj, lfirst, last.dtype) == (j, first, piece.dtype) and last.at + last.nbytes == piece.at and \
+                            last.start + last.nbytes // last.dtype.itemsize == at and piece.at % piece.dtype.itemsize == 0:
+                        spans[-1] = (last._replace(nbytes=last.nbytes + piece.nbytes), j, first)
+                        continue
+                spans.append((piece._replace(start=at), j, first))
+        return spans
+
+    def _flats(self, n: int) -> list[Tensor]:
+        """Group ``n``'s flat sums, one per solution: scratch, or the name's own tensors for a group of one."""
+        if len(self.names_of[n]) == 1:
+            return [torch.empty(self.sizes[n], dtype=self.acc_dtype) for _ in self.solutions]
+        with self._lock:
+            free, self._scratch = self._scratch[: len(self.solutions)], self._scratch[len(self.solutions) :]
+        return free + [torch.empty(self._scratch_size, dtype=self.acc_dtype) for _ in self.solutions[len(free) :]]
+
+    def finisher(self, n: int):
+        """What runs after group ``n``'s last piece: its sums into each name's own tensor."""
+
+        def finish() -> None:
+            latest, flats, names = self.used[-1], self.flats[n], self.names_of[n]
+            if len(names) == 1:
+                self.parts[names[0]] = [flat.view(latest.shapes[names[0]]) for flat in flats]
+                return
+            for name in names:
+                at, numel = self.offset[name], math.prod(latest.shapes[name])
+                self.parts[name] = [flat[at : at + numel].view(latest.shapes[name]).clone() for flat in flats]
+            with self._lock:
+                self._scratch += flats
+            self.flats[n] = None
+
+        return finish
+
+    def result(self) -> list[dict[str, Tensor]]:
+        """Each solution's sums by name, each in memory of its own."""
+        return [{name: self.parts[name][s] for name in self.used[-1].averaged} for s in range(len(self.solutions))]
+
+
 def _values(used: Sequence[SnapshotInfo], plan: dict, reader_for):
-    """``(snapshot index, key, tensor)`` of every key of ``plan``, file by file (each valid until the next)."""
-    if getattr(reader_for, "whole_files", False) and all(_read_ahead.supports(info) for info in used):
-        index = {id(info): i for i, info in enumerate(used)}
-        for info, key, value in _read_ahead.read_ahead(((used[i], k) for i, k in plan), recycle=True, reorder=True):
-            yield index[id(info)], key, value
-        return
+    """``(snapshot index, key, tensor)`` of every key of ``plan``, file by file."""
     by_file: dict[int, list[str]] = {}
     for i, key in plan:
         by_file.setdefault(i, []).append(key)
