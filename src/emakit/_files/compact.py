@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import io
 import zlib
 
@@ -108,6 +109,25 @@ class _Inflated:
             raise ValueError(f"decoded {len(out)} bytes, expected {n}")
         return out
 
+    def read_into(self, out: Tensor) -> None:
+        """Fill the uint8 tensor ``out`` (no copy with zstd); errors as :meth:`read`."""
+        n = out.numel()
+        if self._zlib is not None or n == 0:
+            if n:
+                out.copy_(torch.frombuffer(bytearray(self.read(n)), dtype=torch.uint8))
+            return
+        if n > self._left:
+            raise ValueError(f"the payload claims more than the {self._left} bytes its shape allows")
+        self._left -= n
+        view, got = memoryview(_buffer_of(out)).cast("B"), 0
+        try:
+            while got < n and (step := self._stream.readinto(view[got:])):
+                got += step
+        except Exception as e:  # zstandard.ZstdError
+            raise ValueError(f"the payload is not a valid compressed stream ({e})") from None
+        if got != n:
+            raise ValueError(f"decoded {got} bytes, expected {n}")
+
     def _pull(self, n: int) -> bytes:
         """Up to ``n`` more bytes (fewer at the end); the decompressors' errors as ``ValueError``."""
         if n <= 0:
@@ -158,9 +178,16 @@ def decode_keyframe(payload: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(_inflate_unshuffle(payload, np.float32, numel).copy()).reshape(shape)
 
 
-def _apply(reference: Tensor, q: Tensor, scale: float) -> Tensor:
-    """``reference + q * scale`` in fp32: the one formula both writer and reader evaluate."""
-    return reference + q.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)
+def _apply(reference: Tensor, steps: Tensor, scale: float) -> Tensor:
+    """``reference + steps * scale`` in fp32, ``steps`` (fp32, holding the integer steps) overwritten with it: the
+    one formula both writer and reader evaluate."""
+    return steps.mul_(torch.tensor(scale, dtype=torch.float32)).add_(reference)
+
+
+def _buffer_of(tensor: Tensor):
+    """The bytes of a contiguous CPU tensor in place, as a ctypes array (what readers fill)."""
+    flat = tensor.reshape(-1).view(torch.uint8)
+    return (ctypes.c_char * flat.numel()).from_address(flat.data_ptr())
 
 
 def encode_delta(x: Tensor, reference: Tensor, levels: int = LEVELS) -> tuple[Tensor, float, Tensor]:
@@ -192,25 +219,24 @@ def encode_delta(x: Tensor, reference: Tensor, levels: int = LEVELS) -> tuple[Te
     count = np.array([len(where)], dtype=np.int32).view(np.uint8)
     packed = np.concatenate([steps, count, where.numpy().view(np.uint8), flat[where.long()].numpy().view(np.uint8)])
     payload = _compress(packed.tobytes())
-    return payload, scale, _apply(reference, q, scale)
+    return payload, scale, _apply(reference, q.to(torch.float32), scale)
 
 
 def decode_delta(payload: Tensor, scale: float, reference: Tensor) -> Tensor:
     """The fp32 tensor that :func:`encode_delta` stored as ``payload`` and ``scale`` against ``reference``."""
     numel = reference.numel()
     stream = _inflate(payload, 10 * numel + 4)  # at most: every step an escape
-    head = stream.read(2 * numel + 4)
-    count = int(np.frombuffer(head, dtype=np.int32, count=1, offset=2 * numel)[0])
+    head = torch.empty(2 * numel + 4, dtype=torch.uint8)  # low bytes, high bytes, escape count
+    stream.read_into(head)
+    count = int.from_bytes(head[2 * numel :].numpy().tobytes(), "little", signed=True)
     if not 0 <= count <= numel:
         raise ValueError(f"the payload says {count} escapes among {numel} steps")
-    raw = head + stream.read(8 * count)
+    escapes = np.frombuffer(stream.read(8 * count), np.int32)
     stream.end()
-    q = (
-        np.ascontiguousarray(np.frombuffer(raw, np.uint8, 2 * numel).reshape(2, numel).T)
-        .view(np.int16)
-        .astype(np.int32)
-    )
-    where = np.frombuffer(raw, np.int32, count, 2 * numel + 4)
-    q = q.reshape(-1)
-    q[where] = np.frombuffer(raw, np.int32, count, 2 * numel + 4 + 4 * count)
-    return _apply(reference, torch.from_numpy(q).reshape(reference.shape), scale)
+    # An int16 step is (signed high byte) * 256 + (low byte): summed in fp32 (exact), no byte transpose.
+    steps = head[numel : 2 * numel].view(torch.int8).to(torch.float32)
+    steps.mul_(256).add_(head[:numel])
+    if count:
+        where, values = torch.from_numpy(escapes[:count].copy()), torch.from_numpy(escapes[count:].copy())
+        steps[where.long()] = values.to(torch.float32)
+    return _apply(reference.reshape(-1), steps, scale).reshape(reference.shape)

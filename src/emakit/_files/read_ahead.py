@@ -206,31 +206,42 @@ def _buffer() -> tuple[Tensor, memoryview]:
     return _LOCAL.buf, _LOCAL.view
 
 
-def _run_group(items: Sequence[tuple], fn: PieceFn, finish: Callable[[], None] | None, files: _Files) -> None:
+def _single_threaded(fn: Callable, *args):
+    """``fn(*args)`` with one torch intra-op thread on this (worker) thread: the workers are the parallelism. Only
+    this thread's OpenMP setting changes, and only meanwhile."""
     threads = torch.get_num_threads()
     if threads != 1:
-        torch.set_num_threads(1)  # this thread's OpenMP setting; the caller's stays as it is
+        torch.set_num_threads(1)
     try:
-        buf, view = _buffer()
-        run: list[tuple] = []
-        for info, key in items:
-            item = (info, key, files.entry(info, key))
-            _, _, (_, _, offset, nbytes) = item
-            if run and (run[0][0] is not info or offset != run[-1][2][2] + run[-1][2][3]
-                        or offset + nbytes - run[0][2][2] > CHUNK):  # fmt: skip
-                _read_run(run, fn, files.fds, buf, view)
-                run = []
-            if nbytes > CHUNK:
-                _read_large(item, fn, files.fds, buf, view)
-            else:
-                run.append(item)
-        if run:
-            _read_run(run, fn, files.fds, buf, view)
-        if finish is not None:
-            finish()
+        return fn(*args)
     finally:
         if threads != 1:
             torch.set_num_threads(threads)
+
+
+def _run_group(items: Sequence[tuple], fn: PieceFn, finish: Callable[[], None] | None, files: _Files) -> None:
+    _single_threaded(_read_group, items, fn, finish, files)
+
+
+def _read_group(items: Sequence[tuple], fn: PieceFn, finish: Callable[[], None] | None, files: _Files) -> None:
+    """One group's items read in order (neighbours in a file in one read), each read handed to ``fn``."""
+    buf, view = _buffer()
+    run: list[tuple] = []
+    for info, key in items:
+        item = (info, key, files.entry(info, key))
+        _, _, (_, _, offset, nbytes) = item
+        if run and (run[0][0] is not info or offset != run[-1][2][2] + run[-1][2][3]
+                    or offset + nbytes - run[0][2][2] > CHUNK):  # fmt: skip
+            _read_run(run, fn, files.fds, buf, view)
+            run = []
+        if nbytes > CHUNK:
+            _read_large(item, fn, files.fds, buf, view)
+        else:
+            run.append(item)
+    if run:
+        _read_run(run, fn, files.fds, buf, view)
+    if finish is not None:
+        finish()
 
 
 def _pread(info: SnapshotInfo, fds: dict, view: memoryview, offset: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import zlib
 from pathlib import Path
 
@@ -208,6 +209,7 @@ class _SafetensorsReader:
 #: Last decoded value of each compact average: ``key -> (file identity, fp32 tensor)``, of one directory.
 _DECODED: dict[str, tuple[tuple, Tensor]] = {}
 _DECODED_DIRECTORY: list[Path] = []  # the directory those values come from
+_DECODED_LOCK = threading.Lock()
 
 
 def clear_decoded_cache() -> None:
@@ -217,8 +219,9 @@ def clear_decoded_cache() -> None:
 
 
 def _identity(path: Path) -> tuple:
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    """Which file, as it is now: the same file by any path name, changed when rewritten (no ``resolve``: slow)."""
+    stat = os.stat(path)
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
@@ -236,11 +239,12 @@ def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
             value = _encoding().decode_delta(payload, info.scales[key], reference)
     except (ValueError, zlib.error) as e:
         raise SnapshotError(f"{info.path}: compact tensor {key!r} cannot be decoded (corrupted?): {e}") from None
-    directory = Path(me[0]).parent
-    if _DECODED_DIRECTORY != [directory]:
-        clear_decoded_cache()  # another directory: keep one directory's worth
-        _DECODED_DIRECTORY.append(directory)
-    _DECODED[key] = (me, value)
+    directory = Path(os.path.abspath(info.path.parent))
+    with _DECODED_LOCK:  # keys are decoded on several threads at once (each key by one)
+        if _DECODED_DIRECTORY != [directory]:
+            clear_decoded_cache()  # another directory: keep one directory's worth
+            _DECODED_DIRECTORY.append(directory)
+        _DECODED[key] = (me, value)
     return value
 
 
