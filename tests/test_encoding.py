@@ -72,7 +72,9 @@ def test_chain_decodes_to_the_writers_values_bit_for_bit(tmp_path):
 
 
 def test_keyframe_spacing_and_new_chains(tmp_path, monkeypatch):
-    monkeypatch.setattr(snapshots.DeltaChain.__init__, "__defaults__", (3, None, None, 0, (), ()))
+    defaults = list(snapshots.DeltaChain.__init__.__defaults__)
+    defaults[0] = 3  # keyframe_interval
+    monkeypatch.setattr(snapshots.DeltaChain.__init__, "__defaults__", tuple(defaults))
     model = torch.nn.Linear(2, 2)
     pema = emakit.PowerEMA(model)
     for _ in range(7):
@@ -234,3 +236,66 @@ def test_a_payload_that_inflates_past_its_tensor_is_refused_without_inflating_it
         tracemalloc.stop()
     assert peak < 32 << 20, peak  # the payload and a tensor's worth, not 256 MiB
     assert _encoding.decode_keyframe(_encoding.encode_keyframe(torch.ones(5)), (5,)).tolist() == [1.0] * 5
+
+
+def test_a_predicted_delta_keeps_its_step_and_error_and_needs_fewer_bytes():
+    torch.manual_seed(1)
+    ref = torch.randn(20_000)
+    lower = torch.randn(20_000) * 1e-3  # another profile's increment, which this one's follows
+    x = ref.double() + 0.8 * lower.double() + torch.randn(20_000, dtype=torch.float64) * 2e-4
+    plain, scale, decoded = _encoding.encode_delta(x, ref)
+    a = _encoding.fit_prediction(x, ref, [lower])
+    assert len(a) == 1 and a[0] == pytest.approx(0.8, rel=0.02)
+    payload, scale_p, decoded_p = _encoding.encode_delta(x, ref, predictors=[lower], coefficients=a)
+    assert scale_p == scale  # the step of x - ref: the same error bound ...
+    assert float((decoded_p.double() - x).abs().max()) <= scale / 2 + 2 * 2**-24 * float(x.abs().max())
+    assert payload.numel() < 0.93 * plain.numel()  # ... in fewer bytes (0.91x here: the steps are 4x smaller)
+    assert torch.equal(_encoding.decode_delta(payload, scale, ref, predictors=[lower], coefficients=a), decoded_p)
+    assert _encoding.fit_prediction(x, ref, [torch.randn(20_000)]) == ()  # explains nothing: no prediction
+    assert _encoding.fit_prediction(ref, ref, [lower]) == ()  # nothing to predict
+
+
+def _version_is_2_and_a_version_1_claim_is_refused(path, scratch):
+    # A reader of version 1 would decode a predicted delta without its prediction: such files say version 2 (an
+    # old reader refuses them by name), the others keep version 1.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["version"] == "2" and "predictors" in meta
+    with safe_open(str(path.parent / snapshots.file_name(1.0)), framework="pt") as f:
+        assert f.metadata()["version"] == "1"  # the keyframe
+    scratch.mkdir()
+    save_file(tensors, str(scratch / path.name), metadata={**meta, "version": "1"})
+    with pytest.raises(snapshots.SnapshotError, match=r"version 1 snapshot with predicted deltas"):
+        snapshots.read_info(scratch / path.name)
+
+
+def test_a_delta_predicted_from_the_snapshot_before_its_reference_needs_that_file(tmp_path):
+    model = torch.nn.Linear(8, 4)
+    pema = emakit.PowerEMA(model)
+    for _ in range(1, 5):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight) * 0.1)
+        pema.update()
+        pema.save_snapshot(tmp_path, encoding="compact")
+    info = snapshots.read_info(tmp_path / snapshots.file_name(4.0))
+    assert (info.reference, info.previous) == (3.0, 2.0) and info.predictors
+    _version_is_2_and_a_version_1_claim_is_refused(tmp_path / snapshots.file_name(4.0), tmp_path / "old")
+    snapshots.rewrite_as_keyframe(tmp_path / snapshots.file_name(3.0))  # as prune does, but 4 still reads 2
+    (tmp_path / snapshots.file_name(2.0)).unlink()
+    snapshots.clear_decoded_cache()
+    key = next(k for k, a in info.predictors.items() if len(a) == int(k[4]) + 1)  # one that reads its increment
+    reader = snapshots.open_tensors(info)
+    with pytest.raises(snapshots.SnapshotError, match=r"phema-0+4.*reference's reference .*phema-0+2.*missing"):
+        reader.get(key)
+    reader.close()
+    # A writer whose snapshot before the reference is gone predicts without it.
+    pema.update()
+    pema.save_snapshot(tmp_path, encoding="compact")
+    pema.update()
+    (tmp_path / snapshots.file_name(4.0)).unlink()  # 6 is written against 5, and 4 (5's reference) is gone
+    pema.save_snapshot(tmp_path, encoding="compact")
+    last = snapshots.read_info(tmp_path / snapshots.file_name(6.0))
+    assert last.reference == 5.0 and last.previous is None

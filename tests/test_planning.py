@@ -334,6 +334,7 @@ def test_prune_of_compact_snapshots_rewrites_orphaned_deltas_losslessly(tmp_path
     infos = posthoc.list_snapshots(tmp_path)
     times = {s.t for s in infos}
     assert all(s.reference is None or s.reference in times for s in infos)
+    assert all(s.previous is None or s.previous in times for s in infos)  # what predicted deltas read too
     assert all(snapshots.read_info(tmp_path / n).reference is None for n in report.rewritten)
     after = decoded()
     assert list(after) == list(report.kept)

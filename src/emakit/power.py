@@ -203,9 +203,11 @@ class PowerEMA(_Averager):
         ``encoding="compact"`` (single-file, fp32 only) stores each average as an int16 delta
         against this PowerEMA's previous compact snapshot in the same directory, with a
         lossless fp32 keyframe every 32 snapshots and at the start of a chain (a new or resumed
-        PowerEMA): under half the bytes of fp32 for about the same reconstruction error
-        (``benchmarks/bench_storage.py``). Memory: one more fp32 copy of the averages, on
-        the CPU. Keep every file back to the previous keyframe: a delta needs its reference.
+        PowerEMA), each delta predicted from the other profiles' and its own last increments:
+        about 0.45x the bytes of fp32 for about the same reconstruction error
+        (``benchmarks/bench_storage.py``). Memory: two more fp32 copies of the averages, on
+        the CPU. Keep every file back to the previous keyframe: a delta needs its reference
+        (and its prediction the snapshot before that).
         """
         self._assert_not_swapped("save_snapshot")
         self._check_finite("save_snapshot", collective=self.is_sharded)

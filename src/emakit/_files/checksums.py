@@ -101,6 +101,20 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emakit-checksum")
 
 
+def single_threaded(fn, *args):
+    """``fn(*args)`` with one torch intra-op thread, for work on :func:`pool`'s threads: the threads are the
+    parallelism (two of them on two cores would otherwise run four). Only this thread's OpenMP setting changes, and
+    only meanwhile."""
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+
+
 def submit(tensor: Tensor, algorithm: str) -> concurrent.futures.Future:
     """:func:`hex_digest` of ``tensor`` on a checksum thread (touching its bytes there: a mapped file is read)."""
     return pool().submit(hex_digest, tensor, algorithm)

@@ -17,6 +17,14 @@ Compact snapshots store each average either as a *keyframe* (its fp32 bits) or a
   Decoding is ``reference + q * scale`` in fp32. The writer encodes against the
   *decoded* reference (closed loop), so each snapshot's error is at most ``scale / 2``
   plus one fp32 rounding, and errors do not accumulate along a chain.
+- predicted delta (newer files): the same, but the steps count from a prediction,
+  ``q = round((x - base) / scale)`` with ``base = reference + sum_k a_k * predictor_k``, the
+  coefficients ``a`` (fp32, in the header) a least-squares fit (:func:`fit_prediction`)
+  and the predictors other decoded tensors the caller names (the writer: the increments of
+  the other profiles at this time, and the tensor's own increment the time before). The
+  scale stays that of ``x - reference``, so the error stays the same while the steps
+  shrink: 8 to 10% fewer bytes on a random walk and on a training run. ``base`` is summed a
+  product at a time (no fused multiply-add), so it is the same on every CPU.
 
 Compression is zstd (level 3) where the ``zstandard`` package is installed (``emakit[fast]``),
 else zlib (level 6): the same bytes within 0.2% on these streams (their low bytes are noise),
@@ -33,13 +41,18 @@ Example::
 
     payload = encode_keyframe(x)                      # uint8 tensor, lossless
     payload, scale, decoded = encode_delta(y, decode_keyframe(payload, x.shape))
+    a = fit_prediction(z, decoded, [decoded - x])     # z predicted from y's increment
+    payload, scale, decoded_z = encode_delta(z, decoded, predictors=[decoded - x], coefficients=a)
 """
 
 from __future__ import annotations
 
 import ctypes
 import io
+import math
 import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
 
 try:
     import numpy as np
@@ -69,8 +82,8 @@ def _zstd():
     return zstandard
 
 
-def _compress(raw: bytes) -> Tensor:
-    """``raw`` compressed (zstd, else zlib), as a uint8 tensor."""
+def _compress(raw) -> Tensor:
+    """``raw`` (bytes, or a contiguous uint8 array) compressed (zstd, else zlib), as a uint8 tensor."""
     zstandard = _zstd()
     if zstandard is not None:
         packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=2 if len(raw) > 8 << 20 else 0).compress(raw)
@@ -190,40 +203,128 @@ def _buffer_of(tensor: Tensor):
     return (ctypes.c_char * flat.numel()).from_address(flat.data_ptr())
 
 
-def encode_delta(x: Tensor, reference: Tensor, levels: int = LEVELS) -> tuple[Tensor, float, Tensor]:
+def fit_prediction(x: Tensor, reference: Tensor, predictors: Sequence[Tensor]) -> tuple[float, ...]:
+    """Coefficients ``a`` (fp32 values) of the least-squares ``x - reference ~ sum_k a_k * predictors[k]``, or ``()``
+    where there is nothing to predict or the fit explains under 1% of the delta's energy.
+
+    Fitted in fp32 with fp64 normal equations: the coefficients need not be exact, only the
+    same at both ends (they are stored).
+    """
+    if not predictors or x.numel() == 0:
+        return ()
+    d = (x.detach().to("cpu", torch.float32) - reference).reshape(-1)
+    columns = [p.reshape(-1) for p in predictors]
+    m = len(columns)
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    for a in range(m):
+        for b in range(a + 1):
+            gram[a, b] = gram[b, a] = float(torch.dot(columns[a], columns[b]))
+    rhs = torch.tensor([float(torch.dot(c, d)) for c in columns], dtype=torch.float64)
+    energy = float(torch.dot(d, d))
+    if not (math.isfinite(energy) and energy > 0 and bool(torch.isfinite(gram).all())):
+        return ()
+    solution = torch.linalg.lstsq(gram, rhs.unsqueeze(1), driver="gelsd").solution.reshape(-1)
+    coefficients = tuple(float(np.float32(a)) for a in solution)
+    if not all(math.isfinite(a) for a in coefficients) or float(solution @ rhs) < 0.01 * energy:
+        return ()  # (for least squares, solution . rhs is the energy the fit explains)
+    return coefficients
+
+
+def _peak(values: Tensor) -> float:
+    """``max |values|`` in one pass (0 for none)."""
+    if not values.numel():
+        return 0.0
+    low, high = torch.aminmax(values)
+    return max(-float(low), float(high))
+
+
+def _peak_rms(diff: Tensor) -> tuple[float, float]:
+    """``max |diff|`` and its root mean square, 0 for an empty tensor."""
+    if not diff.numel():
+        return 0.0, 0.0
+    flat = diff.reshape(-1)
+    return _peak(flat), math.sqrt(float(torch.dot(flat, flat)) / flat.numel())
+
+
+def _predict(reference: Tensor, predictors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+    """``reference + sum_k a_k * predictors[k]`` in fp32, a product and a sum at a time (no fused multiply-add:
+    the same bits on every CPU)."""
+    if not coefficients:
+        return reference
+    if len(predictors) != len(coefficients) or any(p.shape != reference.shape for p in predictors):
+        raise ValueError(f"{len(coefficients)} coefficients need as many predictors of shape {tuple(reference.shape)}")
+    base = reference.to(torch.float32, copy=True)
+    for a, p in zip(coefficients, predictors):
+        base.add_(p * torch.tensor(a, dtype=torch.float32))
+    return base
+
+
+def encode_delta(
+    x: Tensor, reference: Tensor, levels: int = LEVELS, *, predictors: Sequence[Tensor] = (),
+    coefficients: Sequence[float] = (), compress: Callable[[Tensor], Any] | None = None,
+) -> tuple[Any, float, Tensor]:  # fmt: skip
     """``x`` as int16 steps of one scale from ``reference`` (fp32, CPU): ``(payload, scale, decoded)``.
 
     ``decoded`` is bit for bit what :func:`decode_delta` returns for this payload and
     scale; ``|decoded - x| <= scale / 2`` up to one fp32 rounding, with
-    ``scale = min(rms / RMS_LEVELS, max / levels)`` of ``|x - reference|``.
+    ``scale = min(rms / RMS_LEVELS, max / levels)`` of ``|x - reference|``. With
+    ``coefficients`` (:func:`fit_prediction`), the steps count from the prediction
+    ``reference + sum_k a_k * predictors[k]`` instead: the same scale, so the same error, and
+    fewer bytes as the prediction comes closer than the reference. ``compress``: what turns the
+    packed steps (a uint8 tensor) into the payload, returned as it is (a future, say, that
+    compresses them on another thread); by default the payload itself.
     """
     if reference.dtype != torch.float32 or reference.device.type != "cpu" or reference.shape != x.shape:
         raise ValueError(
             f"encode_delta: reference must be an fp32 CPU tensor of shape {tuple(x.shape)}, got "
             f"{reference.dtype} on {reference.device} of shape {tuple(reference.shape)}"
         )
-    diff = x.detach().to("cpu", torch.float64) - reference.to(torch.float64)
-    peak = float(diff.abs().max()) if diff.numel() else 0.0
-    rms = float(diff.square().mean().sqrt()) if diff.numel() else 0.0
+    # In fp32: the decoded value is fp32 anyway, and q only has to be the steps that decode closest.
+    x32 = x.detach().to("cpu", torch.float32)
+    diff = x32 - reference
+    peak, rms = _peak_rms(diff)
     scale = float(np.float32(min(peak / levels, rms / RMS_LEVELS)))
+    base = _predict(reference, predictors, coefficients)
+    if base is not reference:
+        diff = x32 - base
+        peak = _peak(diff)
+        if scale == 0:  # no change, but a prediction that moved: steps back to x
+            peak, rms = _peak_rms(diff)
+            scale = float(np.float32(min(peak / levels, rms / RMS_LEVELS)))
     if scale > 0 and peak / scale >= 2**31 - 1:  # steps must fit int32 (a few huge outliers among zeros)
         scale = float(np.float32(peak / (2**31 - 2)))
     if scale > 0:
-        q = torch.round(diff / scale).to(torch.int32)
+        steps = torch.round_(diff.div_(torch.tensor(scale, dtype=torch.float32))).reshape(-1)  # whole numbers, fp32
     else:
-        q = torch.zeros(x.shape, dtype=torch.int32)
+        steps = torch.zeros(x.numel(), dtype=torch.float32)
+    q = steps.to(torch.int32)
     # Steps beyond int16 (the tails, when levels > Q_MAX) are escapes: index and value as int32, after the int16s.
-    flat = q.reshape(-1)
-    where = torch.nonzero(flat.abs() > Q_MAX).reshape(-1).to(torch.int32)
-    steps = flat.clamp(-Q_MAX, Q_MAX).to(torch.int16).numpy().view(np.uint8).reshape(-1, 2).T.reshape(-1)
-    count = np.array([len(where)], dtype=np.int32).view(np.uint8)
-    packed = np.concatenate([steps, count, where.numpy().view(np.uint8), flat[where.long()].numpy().view(np.uint8)])
-    payload = _compress(packed.tobytes())
-    return payload, scale, _apply(reference, q.to(torch.float32), scale)
+    if _peak(steps) > Q_MAX:
+        where = torch.nonzero(q.abs() > Q_MAX).reshape(-1).to(torch.int32)
+        escapes, q = q[where.long()], q.clamp(-Q_MAX, Q_MAX)
+    else:
+        where = escapes = torch.zeros(0, dtype=torch.int32)
+    packed = torch.cat([  # the int16 bytes shuffled (all low bytes, then all signed high bytes), then the escapes
+        q.bitwise_and(0xFF).to(torch.uint8), q.bitwise_right_shift(8).to(torch.uint8),
+        torch.tensor([len(where)], dtype=torch.int32).view(torch.uint8), where.view(torch.uint8),
+        escapes.view(torch.uint8),
+    ])  # fmt: skip
+    payload = (compress or compress_packed)(packed)
+    return payload, scale, _apply(base, steps.view(x.shape), scale)  # the steps as the decoder sees them
 
 
-def decode_delta(payload: Tensor, scale: float, reference: Tensor) -> Tensor:
-    """The fp32 tensor that :func:`encode_delta` stored as ``payload`` and ``scale`` against ``reference``."""
+def compress_packed(packed: Tensor) -> Tensor:
+    """The payload of a delta's packed steps (:func:`encode_delta`'s ``compress``)."""
+    return _compress(packed.numpy())
+
+
+def decode_delta(
+    payload: Tensor, scale: float, reference: Tensor, *, predictors: Sequence[Tensor] = (),
+    coefficients: Sequence[float] = (),
+) -> Tensor:  # fmt: skip
+    """The fp32 tensor that :func:`encode_delta` stored as ``payload`` and ``scale`` against ``reference`` (and the
+    same ``predictors`` and ``coefficients``)."""
+    base = _predict(reference, predictors, coefficients)
     numel = reference.numel()
     stream = _inflate(payload, 10 * numel + 4)  # at most: every step an escape
     head = torch.empty(2 * numel + 4, dtype=torch.uint8)  # low bytes, high bytes, escape count
@@ -239,4 +340,4 @@ def decode_delta(payload: Tensor, scale: float, reference: Tensor) -> Tensor:
     if count:
         where, values = torch.from_numpy(escapes[:count].copy()), torch.from_numpy(escapes[count:].copy())
         steps[where.long()] = values.to(torch.float32)
-    return _apply(reference.reshape(-1), steps, scale).reshape(reference.shape)
+    return _apply(base.reshape(-1), steps, scale).reshape(reference.shape)

@@ -23,7 +23,12 @@ from torch import Tensor
 from . import checksums as _checksums
 
 FORMAT = "emakit.phema"
-VERSION = 1
+VERSION = 2  # the newest format version this emakit reads
+# A file is written with the oldest version that describes it, so that older readers keep reading what they can:
+# 1 for every snapshot but one with predicted compact deltas, 2 for that (a reader of 1 would ignore the prediction
+# and decode wrong values; it refuses version 2 by name instead).
+WRITTEN_VERSION = 1
+PREDICTED_VERSION = 2
 _PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.safetensors$")
 _DCP_PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.dcp$")
 _SHARDS_PATTERN = re.compile(r"^phema-(?P<t>[0-9][0-9.e+\-]*)\.shards$")
@@ -91,6 +96,9 @@ class SnapshotInfo:
     encoding: str = "fp32"  # "fp32": plain tensors (also fp16/bf16 ones); "compact": see emakit._files.compact
     reference: float | None = None  # compact delta snapshot: the t of the snapshot it is relative to
     scales: Mapping[str, float] | None = None  # compact delta snapshot: avg key -> its delta's scale
+    # compact delta snapshot: avg key -> the coefficients of its prediction (emakit._files.compact); absent: none
+    predictors: Mapping[str, tuple[float, ...]] | None = None
+    previous: float | None = None  # compact delta snapshot that predicts from it: the t of its reference's reference
 
     @property
     def pickled(self) -> bool:
@@ -119,7 +127,7 @@ def _metadata(
 ) -> dict[str, str]:
     return {
         "format": FORMAT,
-        "version": str(VERSION),
+        "version": str(WRITTEN_VERSION),
         "t": repr(t),
         "num_updates": str(num_updates),
         "sigma_rels": json.dumps([float(s) for s in sigma_rels]),
@@ -143,12 +151,15 @@ def file_name(t: float, suffix: str = ".safetensors") -> str:
 ENCODINGS = ("fp32", "compact")
 
 
-def _compact_fields(path: Path, meta: Mapping[str, str], t: float) -> tuple[dict, float | None, dict | None]:
-    """A compact snapshot's model shapes of its averages, reference time and delta scales."""
+def _compact_fields(path: Path, meta: Mapping[str, str], t: float) -> tuple[dict, dict]:
+    """A compact snapshot's model shapes of its averages, and its delta fields (reference time, scales, predictors,
+    previous) for :class:`SnapshotInfo`."""
     try:
         shapes = {k: tuple(int(n) for n in v) for k, v in json.loads(meta["shapes"]).items()}
         reference = float(meta["reference"]) if "reference" in meta else None
         scales = {k: float(v) for k, v in json.loads(meta["scales"]).items()} if reference is not None else None
+        predictors = {k: tuple(float(a) for a in v) for k, v in json.loads(meta.get("predictors", "{}")).items()}
+        previous = float(meta["previous"]) if "previous" in meta else None
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise SnapshotError(
             f"{path}: compact snapshot header is incomplete or malformed ({type(e).__name__}: {e})"
@@ -159,7 +170,26 @@ def _compact_fields(path: Path, meta: Mapping[str, str], t: float) -> tuple[dict
         set(scales) != set(shapes) or not all(math.isfinite(v) and v >= 0 for v in scales.values())
     ):
         raise SnapshotError(f"{path}: compact snapshot scales do not cover its averages or are not finite (corrupted?)")
-    return shapes, reference, scales
+    _check_predictors(path, predictors, scales, reference, previous)
+    delta = {"reference": reference, "scales": scales, "predictors": predictors or None, "previous": previous}
+    return shapes, delta
+
+
+def _check_predictors(path: Path, predictors: dict, scales: dict | None, reference, previous) -> None:
+    """Profile ``j``'s prediction has ``j`` coefficients (the lower profiles' increments), or ``j + 1`` (and its
+    own increment before, from the ``previous`` snapshot): finite, of delta keys only."""
+    for key, coefficients in predictors.items():
+        match = re.fullmatch(r"avg\.(\d+)/.+", key, re.DOTALL)
+        j = int(match.group(1)) if match else -1
+        if scales is None or key not in scales or len(coefficients) not in (j, j + 1) or not coefficients \
+                or not all(math.isfinite(a) for a in coefficients):  # fmt: skip
+            raise SnapshotError(f"{path}: compact snapshot predictor of {key!r} is malformed (corrupted header?)")
+    own = any(len(c) == int(k.split("/", 1)[0][4:]) + 1 for k, c in predictors.items())
+    if own != (previous is not None) or (previous is not None and not (math.isfinite(previous) and previous < reference)):
+        raise SnapshotError(
+            f"{path}: compact snapshot predicts from an earlier increment but names no earlier snapshot (previous="
+            f"{previous}, reference={reference}; corrupted header?)"
+        )
 
 
 def _parse_info(
@@ -195,7 +225,9 @@ def _parse_info(
     _check_header_names(path, averaged, copied, static, model_dtypes, state_keys, aliases)
     checksums = _check_header_tensors(path, meta, keys, len(gammas), averaged, copied, static)
     algorithm = checksum_algorithm(path, meta)
-    encoding, reference, scales, shapes = _encoding_fields(path, meta, t, keys, shapes)
+    encoding, delta, shapes = _encoding_fields(path, meta, t, keys, shapes)
+    if delta.get("predictors") and version < PREDICTED_VERSION:
+        raise SnapshotError(f"{path}: version {version} snapshot with predicted deltas (corrupted header?)")
     named_shapes = {n: shapes[f"avg.0/{n}"] for n in averaged}
     named_shapes.update({n: shapes[f"copy/{n}"] for n in copied})
     named_shapes.update({n: shapes[f"static/{n}"] for n in static})
@@ -217,8 +249,7 @@ def _parse_info(
         checksums=checksums,
         checksum_algorithm=algorithm,
         encoding=encoding,
-        reference=reference,
-        scales=scales,
+        **delta,
     )
 
 
@@ -255,18 +286,18 @@ def checksum_algorithm(path: Path, meta: Mapping[str, str]) -> str:
 
 def _encoding_fields(
     path: Path, meta: Mapping[str, str], t: float, keys: list[str], shapes: Mapping[str, tuple[int, ...]]
-) -> tuple[str, float | None, dict | None, Mapping[str, tuple[int, ...]]]:
-    """``(encoding, reference, scales, shapes)``: a compact snapshot's shapes are its averages' model shapes."""
+) -> tuple[str, dict, Mapping[str, tuple[int, ...]]]:
+    """``(encoding, delta fields, shapes)``: a compact snapshot's shapes are its averages' model shapes."""
     encoding = meta.get("encoding", "fp32")
     if encoding not in ENCODINGS:
         raise SnapshotError(f"{path}: unknown snapshot encoding {encoding!r}; expected one of {ENCODINGS}")
-    reference = scales = None
+    delta: dict = {}
     if encoding == "compact":
-        model_shapes, reference, scales = _compact_fields(path, meta, t)
+        model_shapes, delta = _compact_fields(path, meta, t)
         if set(model_shapes) != {k for k in keys if k.startswith("avg.")}:
             raise SnapshotError(f"{path}: compact snapshot shapes do not cover its averages (corrupted header?)")
         shapes = {**shapes, **model_shapes}
-    return encoding, reference, scales, shapes
+    return encoding, delta, shapes
 
 
 def _check_header_names(

@@ -206,21 +206,8 @@ def _buffer() -> tuple[Tensor, memoryview]:
     return _LOCAL.buf, _LOCAL.view
 
 
-def _single_threaded(fn: Callable, *args):
-    """``fn(*args)`` with one torch intra-op thread on this (worker) thread: the workers are the parallelism. Only
-    this thread's OpenMP setting changes, and only meanwhile."""
-    threads = torch.get_num_threads()
-    if threads != 1:
-        torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        if threads != 1:
-            torch.set_num_threads(threads)
-
-
 def _run_group(items: Sequence[tuple], fn: PieceFn, finish: Callable[[], None] | None, files: _Files) -> None:
-    _single_threaded(_read_group, items, fn, finish, files)
+    _checksums.single_threaded(_read_group, items, fn, finish, files)
 
 
 def _read_group(items: Sequence[tuple], fn: PieceFn, finish: Callable[[], None] | None, files: _Files) -> None:

@@ -206,14 +206,15 @@ class _SafetensorsReader:
         self._file.__exit__(None, None, None)
 
 
-#: Last decoded value of each compact average: ``key -> (file identity, fp32 tensor)``, of one directory.
-_DECODED: dict[str, tuple[tuple, Tensor]] = {}
+#: The last two decoded values of each compact average: ``key -> [(file identity, fp32 tensor), ...]``, newest first,
+#: of one directory (a predicted delta needs its reference and the reference's reference).
+_DECODED: dict[str, list[tuple[tuple, Tensor]]] = {}
 _DECODED_DIRECTORY: list[Path] = []  # the directory those values come from
 _DECODED_LOCK = threading.Lock()
 
 
 def clear_decoded_cache() -> None:
-    """Free the decoded averages kept while reading compact snapshots (at most one snapshot's worth)."""
+    """Free the decoded averages kept while reading compact snapshots (at most two snapshots' worth)."""
     _DECODED.clear()
     _DECODED_DIRECTORY.clear()
 
@@ -224,42 +225,70 @@ def _identity(path: Path) -> tuple:
     return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
-    """Compact average ``key`` of ``info`` in fp32, decoding its references back to the keyframe as needed."""
-    me = _identity(info.path)
-    cached = _DECODED.get(key)
-    if cached is not None and cached[0] == me:
-        return cached[1]
-    payload = reader.raw(key)
-    reference = None if info.reference is None else _reference(info, key)
-    try:
-        if reference is None:
-            value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]])
-        else:
-            value = _encoding().decode_delta(payload, info.scales[key], reference)
-    except (ValueError, zlib.error) as e:
-        raise SnapshotError(f"{info.path}: compact tensor {key!r} cannot be decoded (corrupted?): {e}") from None
+def _cached(key: str, identity: tuple) -> Tensor | None:
+    return next((value for known, value in _DECODED.get(key, ()) if known == identity), None)
+
+
+def _remember(info: SnapshotInfo, key: str, identity: tuple, value: Tensor) -> None:
     directory = Path(os.path.abspath(info.path.parent))
     with _DECODED_LOCK:  # keys are decoded on several threads at once (each key by one)
         if _DECODED_DIRECTORY != [directory]:
             clear_decoded_cache()  # another directory: keep one directory's worth
             _DECODED_DIRECTORY.append(directory)
-        _DECODED[key] = (me, value)
+        older = [entry for entry in _DECODED.get(key, ()) if entry[0] != identity]
+        _DECODED[key] = [(identity, value), *older[:1]]
+
+
+def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
+    """Compact average ``key`` of ``info`` in fp32, decoding its references back to the keyframe as needed."""
+    me = _identity(info.path)
+    cached = _cached(key, me)
+    if cached is not None:
+        return cached
+    payload = reader.raw(key)
+    reference = None if info.reference is None else _earlier(info, info.reference, key)
+    coefficients = (info.predictors or {}).get(key, ()) if reference is not None else ()
+    columns = _predictors(info, key, reference, len(coefficients), reader) if coefficients else ()
+    try:
+        if reference is None:
+            value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]])
+        else:
+            value = _encoding().decode_delta(
+                payload, info.scales[key], reference, predictors=columns, coefficients=coefficients
+            )
+    except (ValueError, zlib.error) as e:
+        raise SnapshotError(f"{info.path}: compact tensor {key!r} cannot be decoded (corrupted?): {e}") from None
+    _remember(info, key, me, value)
     return value
 
 
-def _reference(info: SnapshotInfo, key: str) -> Tensor:
-    """The decoded value of ``key`` in the snapshot ``info`` is relative to (from the cache, or decoded)."""
-    path = info.path.parent / file_name(info.reference)
+def _predictors(info: SnapshotInfo, key: str, reference: Tensor, count: int, reader: _SafetensorsReader) -> list:
+    """What a delta of profile ``j`` is predicted from (as the writer's ``DeltaChain``): the increments since the
+    reference of the profiles before ``j``, then (``count == j + 1``) its own increment the time before."""
+    j, name = int(key.split("/", 1)[0][4:]), key.split("/", 1)[1]
+    columns = []
+    for k in range(j):
+        lower = f"avg.{k}/{name}"
+        columns.append(_decode(info, lower, reader) - _earlier(info, info.reference, lower))
+    if count == j + 1:
+        columns.append(reference - _earlier(info, info.previous, key))
+    return columns
+
+
+def _earlier(info: SnapshotInfo, t: float, key: str) -> Tensor:
+    """The decoded value of ``key`` in the earlier snapshot at ``t`` that ``info``'s delta needs (its reference, or
+    the reference's reference): from the cache, or decoded."""
+    path = info.path.parent / file_name(t)
     if not path.is_file():
+        role = "reference" if t == info.reference else "reference's reference (its prediction reads it)"
         raise SnapshotError(
             f"{info.path}: compact snapshot at t={info.t:g} is a delta against t={info.reference:g}, but its "
-            f"reference {path.name} is missing from {info.path.parent}; keep every snapshot back to the "
+            f"{role} {path.name} is missing from {info.path.parent}; keep every snapshot back to the "
             f"previous keyframe (or thin out only whole chains)"
         )
-    cached = _DECODED.get(key)
-    if cached is not None and cached[0] == _identity(path):
-        return cached[1]
+    cached = _cached(key, _identity(path))
+    if cached is not None:
+        return cached
     ref = read_info(path)
     if ref.encoding != "compact" or ref.shapes.get(key.split("/", 1)[1]) != info.shapes[key.split("/", 1)[1]]:
         raise SnapshotError(

@@ -118,9 +118,10 @@ def _lazy_greedy(infos: Sequence, targets: Sequence[float], t: float, max_fit_er
 
 
 def _to_rekey(keep: Sequence, removed: Sequence) -> list:
-    """The kept compact deltas whose reference is removed: rewritten as keyframes before any deletion."""
+    """The kept compact deltas that need a removed snapshot (their reference, or the one before it that their
+    prediction reads): rewritten as keyframes before any deletion."""
     gone = {s.t for s in removed}
-    return [s for s in keep if getattr(s, "reference", None) in gone]
+    return [s for s in keep if getattr(s, "reference", None) in gone or getattr(s, "previous", None) in gone]
 
 
 def _keyframe_bytes(info) -> int:
