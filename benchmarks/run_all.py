@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     scale, reps = (0.1, 5) if args.quick else (1.0, 11)
     sections = {
-        "update": lambda: update_ratios(scale, reps),
+        "update": lambda: update_ratios(scale, max(reps, 15)),  # milliseconds each: more repetitions cost little
         "power": lambda: power_ratios(scale, reps),
         "storage": lambda: storage_ratios(args.quick),
         "view": lambda: module_view_ratios(args.quick, reps),

@@ -218,6 +218,17 @@ def test_an_fp16_average_of_many_ones_is_finite_until_the_nan():
     assert _located(nn.LayerNorm(70000).half(), poison, decay=0.9, dtype=torch.float16) == 4
 
 
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_a_nan_in_any_tensor_of_a_checked_chunk_names_the_update(which):
+    # Three large tensors back to back in one chunk: checked as one span, each of them covered.
+    def poison(model, update):
+        if update == 6:
+            model[which].weight.view(-1)[which * 1000] = float("nan")
+
+    model = nn.Sequential(*[nn.Linear(300, 250, bias=False) for _ in range(3)])
+    assert _located(model, poison, emakit.PowerEMA, sigma_rels=(0.05, 0.1)) == 6
+
+
 @pytest.mark.parametrize("path", ["chunked profiles", "flat region", "small tensors", "staged bf16"])
 def test_every_update_path_names_the_update(path):
     def poison(model, update):

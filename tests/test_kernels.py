@@ -78,3 +78,16 @@ def test_lerp_weight_one_copies_exactly_and_zero_leaves_alone():
     before = a[0].clone()
     kernels.lerp_(a, [torch.zeros(5)], 0.0)
     assert torch.equal(a[0], before)
+
+
+def test_joined_spans_cover_the_same_elements_in_fewer_views():
+    from emakit._engine.storage import joined
+
+    buffer = torch.arange(100.0)
+    other = torch.arange(10.0)
+    pieces = [buffer[0:10].view(2, 5), buffer[10:30], buffer[30:30], buffer[40:50], other, buffer[50:60], buffer[60:80:2]]
+    spans = joined(pieces)
+    # 0:30 back to back (the empty piece skipped), 40:50 after a gap, another storage, 50:60 after it, strided alone
+    assert [(s.storage_offset(), s.numel()) for s in spans] == [(0, 30), (40, 10), (0, 10), (50, 10), (60, 10)]
+    torch.testing.assert_close(torch.cat([s.reshape(-1) for s in spans]), torch.cat([p.reshape(-1) for p in pieces]))
+    assert spans[0].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # views, not copies

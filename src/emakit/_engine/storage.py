@@ -85,6 +85,26 @@ class Chunks:
     batches: list[list[kernels.Piece]]
     pieces: list[list[list[Tensor]]]  # [profile][batch] -> tensors
     scratch: list[list[Tensor]] | None  # [batch] -> staging tensors, or None when not staged
+    spans: list[list[Tensor]] | None = None  # [batch] -> profile 0's pieces, adjacent ones joined (:func:`joined`)
+
+
+def joined(pieces: list[Tensor]) -> list[Tensor]:
+    """``pieces`` with each run of them that lies back to back in one storage as one 1-D view: what a reduction
+    over them all reads in one op (the pieces of a chunk usually lie so in a group's flat buffer)."""
+    out: list[Tensor] = []
+    end = None  # (storage pointer, dtype, offset just past the last dense piece of ``out``)
+    for piece in pieces:
+        if not piece.numel():
+            continue
+        dense = kernels.is_dense(piece)
+        here = (piece.untyped_storage().data_ptr(), piece.dtype, piece.storage_offset())
+        if dense and end is not None and here == end:
+            last = out[-1]
+            out[-1] = last.as_strided((last.numel() + piece.numel(),), (1,), last.storage_offset())
+        else:
+            out.append(kernels.flat_view(piece) if dense else piece)
+        end = (here[0], here[1], here[2] + piece.numel()) if dense else None
+    return out
 
 
 def cut(targets: list[list[Tensor]], shapes: list[torch.Size], scratch: Tensor | None, chunk: int) -> Chunks:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import kernels
 from .binding import Binding
-from .storage import Chunks, Group, Storage, cut
+from .storage import Chunks, Group, Storage, cut, joined
 
 
 @torch.no_grad()
@@ -101,13 +101,16 @@ def _chunk(group: Group) -> int:
 
 
 def _chunked(chunks: Chunks, sources: list[Tensor], coefficients: list[float], out: list) -> None:
-    """Every batch of ``chunks``: updated (all profiles), then profile 0's pieces checked while in cache."""
+    """Every batch of ``chunks``: updated (all profiles), then profile 0's pieces checked while in cache (those
+    that lie back to back as one: an op per chunk, not per tensor)."""
+    if chunks.spans is None:
+        chunks.spans = [joined(pieces) for pieces in chunks.pieces[0]]
     for b, batch in enumerate(chunks.batches):
         pieces = [[chunks.pieces[k][b]] for k in range(len(coefficients))]
         scratch = None if chunks.scratch is None else [chunks.scratch[b]]
         kernels.multi_lerp_(pieces, sources, [batch], coefficients, scratch)
-        for piece in chunks.pieces[0][b]:
-            _check(piece, out)
+        for span in chunks.spans[b]:
+            _check(span, out)
 
 
 def _check(piece: Tensor, out: list[tuple[Tensor, Tensor]]) -> None:
