@@ -175,6 +175,13 @@ def _compact_fields(path: Path, meta: Mapping[str, str], t: float) -> tuple[dict
     return shapes, delta
 
 
+def reads_previous(key: str, coefficients) -> bool:
+    """Whether the predicted delta of ``key`` (``avg.<j>/<name>``) also predicts from its own increment the time
+    before, read from the ``previous`` snapshot: ``j + 1`` coefficients (the ``j`` lower profiles' increments,
+    then its own) rather than ``j``."""
+    return len(coefficients) == int(key.split("/", 1)[0][4:]) + 1
+
+
 def _check_predictors(path: Path, predictors: dict, scales: dict | None, reference, previous) -> None:
     """Profile ``j``'s prediction has ``j`` coefficients (the lower profiles' increments), or ``j + 1`` (and its
     own increment before, from the ``previous`` snapshot): finite, of delta keys only."""
@@ -184,7 +191,7 @@ def _check_predictors(path: Path, predictors: dict, scales: dict | None, referen
         if scales is None or key not in scales or len(coefficients) not in (j, j + 1) or not coefficients \
                 or not all(math.isfinite(a) for a in coefficients):  # fmt: skip
             raise SnapshotError(f"{path}: compact snapshot predictor of {key!r} is malformed (corrupted header?)")
-    own = any(len(c) == int(k.split("/", 1)[0][4:]) + 1 for k, c in predictors.items())
+    own = any(reads_previous(k, c) for k, c in predictors.items())
     if own != (previous is not None) or (previous is not None and not (math.isfinite(previous) and previous < reference)):
         raise SnapshotError(
             f"{path}: compact snapshot predicts from an earlier increment but names no earlier snapshot (previous="

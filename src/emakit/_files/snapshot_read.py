@@ -37,6 +37,7 @@ from .header import (
     dtype_name,
     file_name,
     parse_dtype,
+    reads_previous,
 )
 
 
@@ -248,7 +249,7 @@ def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
     payload = reader.raw(key)
     reference = None if info.reference is None else _earlier(info, info.reference, key)
     coefficients = (info.predictors or {}).get(key, ()) if reference is not None else ()
-    columns = _predictors(info, key, reference, len(coefficients), reader) if coefficients else ()
+    columns = _predictors(info, key, reference, coefficients, reader) if coefficients else ()
     try:
         if reference is None:
             value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]])
@@ -262,15 +263,15 @@ def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
     return value
 
 
-def _predictors(info: SnapshotInfo, key: str, reference: Tensor, count: int, reader: _SafetensorsReader) -> list:
+def _predictors(info: SnapshotInfo, key: str, reference: Tensor, coefficients, reader: _SafetensorsReader) -> list:
     """What a delta of profile ``j`` is predicted from (as the writer's ``DeltaChain``): the increments since the
-    reference of the profiles before ``j``, then (``count == j + 1``) its own increment the time before."""
+    reference of the profiles before ``j``, then (:func:`reads_previous`) its own increment the time before."""
     j, name = int(key.split("/", 1)[0][4:]), key.split("/", 1)[1]
     columns = []
     for k in range(j):
         lower = f"avg.{k}/{name}"
         columns.append(_decode(info, lower, reader) - _earlier(info, info.reference, lower))
-    if count == j + 1:
+    if reads_previous(key, coefficients):
         columns.append(reference - _earlier(info, info.previous, key))
     return columns
 

@@ -32,6 +32,7 @@ from .header import (
     _metadata,
     dtype_name,
     file_name,
+    reads_previous,
 )
 from .snapshot_read import _encoding, _safetensors, open_tensors, read_info, require_trust
 
@@ -247,9 +248,9 @@ class DeltaChain:
             fields.update(reference=repr(float(self.t)), scales=json.dumps(scales))
         if predictors:  # a format a reader of version 1 would misread: it must refuse the file
             fields.update(version=str(PREDICTED_VERSION), predictors=json.dumps(predictors))
-            if any(len(c) == int(k.split("/", 1)[0][4:]) + 1 for k, c in predictors.items()):
+            if any(reads_previous(k, c) for k, c in predictors.items()):
                 fields["previous"] = repr(float(self.before_t))
-        self.pending_names = tuple(averages[0]) if averages else ()
+        self.pending_names = tuple(names)
 
         def commit() -> None:
             self.before, self.before_t = (None, None) if keyframe else (self.decoded, self.t)
