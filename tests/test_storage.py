@@ -1,4 +1,4 @@
-"""Checksums of stored bytes (CRC-32C for new files, CRC-32 for older ones), and reading them ahead on threads.
+"""Checksums of stored bytes (CRC-32 or CRC-32C, whichever is faster here), and reading them ahead on threads.
 
 References are independent: CRC-32C computed bit by bit from its polynomial (and the
 published check value of ``b"123456789"``), CRC-32 by ``zlib``, reconstructions against a
@@ -48,6 +48,49 @@ def test_crc32c_without_a_package_matches_the_definition(n):
     if checksums._fast_crc32c() is not None:
         assert checksums._fast_crc32c()(0, bytes(data.tolist())) == want
     assert _crc32c_bitwise(b"123456789") == 0xE3069283  # the published check value
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 63, 64, 65, 4099, 1 << 20])
+def test_fast_crc32_is_zlibs_crc32(n):
+    fast = checksums._fast_crc32()
+    if fast is None:
+        pytest.skip("neither isal nor zlib-ng is installed (the fast extra)")
+    data = torch.randint(0, 256, (n + 3,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    raw = bytes(data.tolist())
+    for start in (0, 3):  # aligned and not
+        view = memoryview(raw)[start : start + n]
+        assert fast(view, 0) == zlib.crc32(view)
+        assert fast(view, 0xDEADBEEF) == zlib.crc32(view, 0xDEADBEEF)  # extending an earlier checksum
+    assert checksums.extend(0, checksums.buffer_of(data[:n]), "crc32") == zlib.crc32(raw[:n])  # ctypes buffers too
+
+
+@pytest.mark.parametrize(
+    ("fast_crc32", "fast_crc32c", "want"),
+    [(True, True, "crc32"), (True, False, "crc32"), (False, True, "crc32c"), (False, False, "crc32")],
+)
+def test_new_files_get_the_faster_algorithm_installed(monkeypatch, fast_crc32, fast_crc32c, want):
+    monkeypatch.setattr(checksums, "_fast_crc32", lambda: zlib.crc32 if fast_crc32 else None)
+    monkeypatch.setattr(checksums, "_fast_crc32c", lambda: (lambda crc, data: 0) if fast_crc32c else None)
+    assert checksums.preferred() == want
+
+
+def test_files_checksummed_by_isal_verify_with_zlib_alone(tmp_path, monkeypatch):
+    if checksums._fast_crc32() is None:
+        pytest.skip("neither isal nor zlib-ng is installed (the fast extra)")
+    infos = _run(tmp_path)
+    assert infos[0].checksum_algorithm == "crc32"
+    assert "checksum_algorithm" not in safe_open(str(infos[0].path), framework="pt").metadata()  # any emakit reads it
+    want = posthoc.reconstruct(infos, sigma_rel=0.08, progress=False)
+    monkeypatch.setattr(checksums, "_fast_crc32", lambda: None)
+    assert verify.verify([tmp_path]) == []
+    got = posthoc.reconstruct(infos, sigma_rel=0.08, progress=False)
+    for name, value in want.items():
+        assert_close(got[name], value, rtol=0, atol=0)
+    data = bytearray(infos[1].path.read_bytes())
+    data[read_ahead._layout(infos[1].path)["avg.1/0.weight"][2] + 5] ^= 0x01
+    infos[1].path.write_bytes(bytes(data))
+    problems = verify.verify([tmp_path])
+    assert len(problems) == 1 and "'avg.1/0.weight' does not match its checksum" in problems[0], problems
 
 
 def test_hex_digest_of_a_tensor_is_that_of_its_bytes():
@@ -151,6 +194,34 @@ def test_reconstruct_on_the_workers_is_the_float64_sum_at_any_chunk_size(tmp_pat
                 assert_close(out[name], value, rtol=1e-12, atol=1e-12)
                 assert out[name].untyped_storage().nbytes() == value.numel() * 8  # memory of its own
     assert verify.verify([tmp_path]) == []
+
+
+def test_reconstruct_groups_names_in_file_order_one_read_per_profile_and_group(tmp_path, monkeypatch):
+    # safetensors stores keys sorted by name (params.10 before params.2): grouping the sums in the model's
+    # order would scatter each group's reads over the file.
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(16)) for _ in range(12)])
+    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        pema.update(dt=10)
+        pema.save_snapshot(tmp_path)
+    infos = posthoc.list_snapshots(tmp_path)
+    assert list(read_ahead._layout(infos[0].path))[:3] == ["avg.0/0", "avg.0/1", "avg.0/10"]
+    monkeypatch.setattr(read_ahead, "CHUNK", 4 * 16 * 4)  # groups of four names
+    reads = []
+    pread = read_ahead._pread
+    monkeypatch.setattr(read_ahead, "_pread", lambda info, fds, view, offset: reads.append(len(view)) or
+                        pread(info, fds, view, offset))  # fmt: skip
+    got = posthoc.reconstruct(infos, sigma_rel=0.08, progress=False, dtype=torch.float64, accumulate=torch.float64)
+    sol = posthoc.solve_coefficients(infos, 0.08)
+    assert len(reads) == len(sol.snapshots) * 2 * 3 and set(reads) == {4 * 16 * 4}  # snapshots x profiles x groups
+    want = _float64_sum(sol.snapshots, sol.weights)
+    assert list(got) == list(want) == [str(n) for n in range(12)]  # the model's order, whatever the files'
+    for name, value in want.items():
+        assert_close(got[name], value, rtol=1e-12, atol=1e-12)
 
 
 def test_run_groups_hands_every_piece_once_in_order_and_checks_large_tensors_after_their_last_piece(

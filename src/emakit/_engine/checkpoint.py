@@ -225,7 +225,7 @@ class Checkpointing:
         """Resume from a :meth:`save` directory, written by any number of ranks (resharded on load).
 
         Collective in a distributed run. Every stored item is checked against the checksum that
-        :meth:`save` recorded as it wrote it (CRC-32C, or CRC-32 in older directories) (each rank a share of the files; directories without them, from
+        :meth:`save` recorded as it wrote it (CRC-32, or CRC-32C where the directory names it) (each rank a share of the files; directories without them, from
         ``dcp.save`` or emakit 0.1, are not checked), and format, settings, names and shapes
         against the checkpoint's metadata, before any tensor is read; then each rank reads its
         own parts into staging tensors and copies them into the averages only once all were

@@ -1,15 +1,22 @@
-"""Checksums of stored bytes: CRC-32C for new files, CRC-32 for the files written before it.
+"""Checksums of stored bytes: CRC-32 (zlib's) or CRC-32C, whichever runs faster here.
 
-Owns the two algorithms a file of emakit may name (``"crc32"``: zlib's CRC-32, written up
-to 0.1.x; ``"crc32c"``: the Castagnoli CRC, written since) and which one a new file gets
-(:func:`preferred`): CRC-32C where a hardware implementation is installed
-(``pip install 'emakit[fast]'``: google-crc32c, or the crc32c package), measured at 8-17
-GB/s against zlib's 2-4 GB/s here (benchmarks/bench_power.py), else CRC-32 (zlib is always
-there). A file that names CRC-32C is verified also without the package, by a slower
-vectorised torch implementation. All of them release the GIL on large buffers, so readers
-run them on a thread beside their reads. Imports no other emakit module.
+Owns the two algorithms a file of emakit may name (``"crc32"``: zlib's CRC-32, what files
+that name no algorithm hold; ``"crc32c"``: the Castagnoli CRC) and which one a new file gets
+(:func:`preferred`), by the compiled implementations installed (``pip install
+'emakit[fast]'``), measured per thread here (``benchmarks/bench_power.py``):
 
-    digest = hex_digest(tensor, "crc32c")          # 8 hex digits
+- CRC-32 of ISA-L (the isal package) or zlib-ng (the zlib-ng package): 55-58 GB/s, with
+  carry-less multiply instructions. New files get CRC-32 then, which every emakit release
+  reads and which zlib (always there) verifies where neither package is installed.
+- CRC-32C of the crc32c package (or google-crc32c): 17-28 GB/s. New files get CRC-32C
+  where it is installed and no fast CRC-32 is (what emakit wrote before it used ISA-L).
+- zlib's CRC-32 alone: 2-4 GB/s. New files get CRC-32.
+
+A file that names CRC-32C is verified also without a package, by a slower vectorised torch
+implementation. All of them but google-crc32c release the GIL on large buffers, so readers
+run them on threads beside their reads. Imports no other emakit module.
+
+    digest = hex_digest(tensor, "crc32")           # 8 hex digits
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import functools
+import importlib
 import os
 import zlib
 
@@ -26,6 +34,22 @@ from torch import Tensor
 ALGORITHMS = ("crc32", "crc32c")
 #: The algorithm of files that do not name one (everything written before CRC-32C).
 LEGACY = "crc32"
+
+
+#: Modules with a zlib-compatible ``crc32(data, value)`` faster than zlib's, the first one installed used.
+_FAST_CRC32 = ("isal.isal_zlib", "zlib_ng.zlib_ng")
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_crc32():
+    """``crc32(data, value) -> crc`` of ISA-L or zlib-ng (zlib's CRC-32, about 15x faster here), or None when
+    neither is installed. Both release the GIL on large buffers."""
+    for name in _FAST_CRC32:
+        try:
+            return importlib.import_module(name).crc32
+        except ImportError:
+            continue
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,8 +82,9 @@ def _fast_crc32c():
 
 
 def preferred() -> str:
-    """The algorithm new files get: ``"crc32c"`` with a compiled implementation installed, else ``"crc32"``."""
-    return "crc32c" if _fast_crc32c() is not None else "crc32"
+    """The algorithm new files get: ``"crc32"`` where ISA-L or zlib-ng computes it, else ``"crc32c"`` where a
+    compiled CRC-32C is installed, else ``"crc32"`` (zlib's)."""
+    return "crc32c" if _fast_crc32() is None and _fast_crc32c() is not None else "crc32"
 
 
 def check_algorithm(name: object, where: str) -> str:
@@ -78,7 +103,7 @@ def buffer_of(tensor: Tensor):
 def extend(crc: int, data, algorithm: str) -> int:
     """The checksum of ``previous bytes + data`` given ``crc``, that of the previous bytes (0 for none)."""
     if algorithm == "crc32":
-        return zlib.crc32(data, crc)
+        return (_fast_crc32() or zlib.crc32)(data, crc)
     fast = _fast_crc32c()
     if fast is not None:
         return fast(crc, data)

@@ -70,8 +70,8 @@ def save_atomic(where: str, state: dict[str, Any], final: Path, extra: Callable[
     Collective: every rank calls it with the same ``final`` (on a file system they share, as
     DCP requires). Each rank writes only its own shards, taking the checksum of every stored
     item as its bytes go to the file (nothing is read back); rank 0 adds :data:`CHECKSUMS`,
-    the checksum of every stored item (CRC-32C, or CRC-32 without a compiled CRC-32C), which
-    :func:`verify_checksums` checks before a load. See :func:`write_directory`.
+    the checksum of every stored item (rank 0's :func:`~emakit._files.checksums.preferred`
+    algorithm), which :func:`verify_checksums` checks before a load. See :func:`write_directory`.
     """
     table: list[list] = []
     algorithm = distributed.all_gather_object(_checksums.preferred())[0]  # rank 0's, on every rank

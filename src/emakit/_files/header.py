@@ -3,7 +3,7 @@
 Owns what a snapshot *says* about itself, whatever file holds it (single-file safetensors or
 a sharded ``.shards`` or DCP directory): the format name and version, the time in the file name, each
 profile's ``sigma_rel`` and ``gamma``, the tensor names and dtypes, the checksum of every
-tensor (CRC-32C, or CRC-32 in files that name no ``checksum_algorithm``), and the checks
+tensor (CRC-32, or CRC-32C where the header names it as ``checksum_algorithm``), and the checks
 that reject a damaged or edited header with a :class:`SnapshotError` naming the file. Reads and writes no file (:mod:`emakit.snapshots`
 does).
 """
@@ -92,7 +92,7 @@ class SnapshotInfo:
     sharded: bool = False  # a directory written by several ranks (``.shards``, or DCP's ``.dcp``)
     flat: tuple[str, ...] = ()  # names stored flattened (DeepSpeed ZeRO-3), reshaped on reading
     checksums: Mapping[str, str] | None = None  # key -> checksum (hex) of its bytes; None in older files
-    checksum_algorithm: str = _checksums.LEGACY  # of ``checksums``: "crc32" (older files) or "crc32c"
+    checksum_algorithm: str = _checksums.LEGACY  # of ``checksums``: "crc32" (files that name none) or "crc32c"
     encoding: str = "fp32"  # "fp32": plain tensors (also fp16/bf16 ones); "compact": see emakit._files.compact
     reference: float | None = None  # compact delta snapshot: the t of the snapshot it is relative to
     scales: Mapping[str, float] | None = None  # compact delta snapshot: avg key -> its delta's scale

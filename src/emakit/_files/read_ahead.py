@@ -174,19 +174,25 @@ class _Files:
             self.fds.clear()
 
 
+def layout(info: SnapshotInfo, layouts: dict[Path, dict]) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """``key -> (dtype, shape, file offset, bytes)`` of a snapshot :func:`supports` reads, from ``layouts`` or its
+    header (then kept in ``layouts``); :class:`SnapshotError` when it is not a safetensors file."""
+    if info.path not in layouts:
+        layouts[info.path] = _layout(info.path)
+    return layouts[info.path]
+
+
 def in_chunks(info: SnapshotInfo, keys: Sequence[str], layouts: dict[Path, dict]) -> list[list[str]]:
     """``keys`` of one snapshot :func:`supports` reads, in their order, cut into groups of about 4 x :data:`CHUNK`
     bytes (one key at least): groups for :func:`run_groups` that keep every worker busy on one file. The
     file's table goes into ``layouts``; :class:`SnapshotError` when it is not a safetensors file or lacks a key."""
-    if info.path not in layouts:
-        layouts[info.path] = _layout(info.path)
-    layout = layouts[info.path]
+    table = layout(info, layouts)
     groups: list[list[str]] = []
     size = 0
     for key in keys:
-        if key not in layout:
+        if key not in table:
             raise SnapshotError(f"{info.path}: holds no tensor {key!r} (truncated or corrupted?)")
-        nbytes = layout[key][3]
+        nbytes = table[key][3]
         if not groups or (size and size + nbytes > _GROUP):
             groups.append([])
             size = 0

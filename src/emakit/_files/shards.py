@@ -5,7 +5,7 @@ Owns the ``phema-<t>.shards`` directory that a sharded run (FSDP2, DeepSpeed ZeR
 tensors it owns: a DTensor's local shard (once per replica group), a plain replicated
 tensor only on rank 0. Rank 0 then writes ``emakit.json``: the snapshot header, each
 tensor's dtype and shapes, and every part (file, offset in the global tensor, shape,
-checksum: CRC-32C, or CRC-32 where the index names no ``checksum_algorithm``). Nothing in the directory is code, so it is safe to read from anyone, unlike DCP's
+checksum: CRC-32, or CRC-32C where the index names it as ``checksum_algorithm``). Nothing in the directory is code, so it is safe to read from anyone, unlike DCP's
 pickled ``.metadata``. Readers assemble whole tensors in one process, or only the box a
 rank needs; every part is checked against its checksum, shape and dtype, and the index
 must cover every tensor exactly once.

@@ -46,9 +46,10 @@ def _weighted_sums(
             for name in names:
                 plan.setdefault((i, _average_key(info, j, name)), []).append((j, name))
     if getattr(reader_for, "whole_files", False) and all(_read_ahead.supports(info) for info in used):
-        total = _Sums(solutions, plan, acc_dtype)
+        layouts: dict = {}
+        total = _Sums(solutions, plan, acc_dtype, layouts)
         groups = [(items, total.adder(n), total.finisher(n)) for n, items in enumerate(total.items)]
-        with contextlib.closing(_read_ahead.run_groups(groups)) as done:
+        with contextlib.closing(_read_ahead.run_groups(groups, layouts)) as done:
             for n, error in done:
                 if error is not None:
                     raise error
@@ -75,15 +76,15 @@ class _Sums:
     """The weighted sums, a group of names at a time: each group one flat tensor per solution, summed by one thread.
 
     A group is about :data:`~emakit._files.read_ahead.CHUNK` bytes of the model (one name at
-    least), its names side by side in their order, as in the files: the tensors of one read
-    that land side by side (one profile of neighbouring names) are added in one operation, and
-    a worker adding one group from every file in turn finds its sums in cache. The flat
-    tensors of a group of several names are scratch, reused by the next group (fresh memory
-    costs a page fault every 4 KiB); :meth:`finisher` copies them into each name's own tensor.
-    A group of one name sums into its tensor directly.
+    least), its names side by side in the order their bytes lie in the latest file (safetensors
+    sorts keys by name: ``blocks.10`` before ``blocks.2``), so that one profile of a group is
+    one read of each file, added in one operation; a worker adding one group from every file
+    in turn finds its sums in cache. The flat tensors of a group of several names are scratch,
+    reused by the next group (fresh memory costs a page fault every 4 KiB); :meth:`finisher`
+    copies them into each name's own tensor. A group of one name sums into its tensor directly.
     """
 
-    def __init__(self, solutions: Sequence, plan: dict, acc_dtype: torch.dtype) -> None:
+    def __init__(self, solutions: Sequence, plan: dict, acc_dtype: torch.dtype, layouts: dict) -> None:
         self.solutions, self.acc_dtype = solutions, acc_dtype
         opened: set[str] = set()  # the first term of each sum is written, not added to zeros
         self.plan = {item: [(j, name, name not in opened and not opened.add(name)) for j, name in targets]
@@ -91,12 +92,15 @@ class _Sums:
         self.used = used = solutions[0].snapshots
         self.index = {id(info): i for i, info in enumerate(used)}
         latest = used[-1]
+        offset = {key: entry[2] for key, entry in _read_ahead.layout(latest, layouts).items()}
+        end = max(offset.values(), default=0) + 1
+        order = sorted(latest.averaged, key=lambda name: offset.get(f"avg.0/{name}", end))
         self.group_of: dict[str, int] = {}
         self.offset: dict[str, int] = {}  # a name's first element in its group
         self.sizes: list[int] = []  # elements per group
         self.names_of: dict[int, list[str]] = {}
         size = 0
-        for name in latest.averaged:
+        for name in order:
             numel = math.prod(latest.shapes[name])
             if not self.sizes or (size and size + numel * latest.dtype.itemsize > _read_ahead.CHUNK):
                 self.sizes.append(0)
@@ -107,7 +111,12 @@ class _Sums:
             size += numel * latest.dtype.itemsize
         self.items: list[list[tuple[SnapshotInfo, str]]] = [[] for _ in self.sizes]
         self.counts = [0] * len(self.sizes)  # (profile, name) terms per group, for the progress bar
-        for (i, key), targets in plan.items():
+
+        def place(item: tuple) -> tuple[int, int]:  # each file's keys in the latest's order: neighbours in one read
+            (i, _), ((j, name), *_) = item
+            return i, offset.get(f"avg.{j}/{name}", end)
+
+        for (i, key), targets in sorted(plan.items(), key=place):
             n = self.group_of[targets[0][1]]
             self.items[n].append((used[i], key))
             self.counts[n] += len(targets)
