@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import sys
@@ -84,6 +85,7 @@ def reconstruct_ratios(num_tensors: int, numel: int, num_snapshots: int, reps: i
                 p.add_(0.01)
         pema.update(dt=100)
         pema.save_snapshot(directory)
+    os.sync()  # the files on disk before timing: writing 1.5 GB back competes with the reads for a minute after
     paths = snapshots.snapshot_paths(directory)
     infos = posthoc.list_snapshots(directory)
     steps = {

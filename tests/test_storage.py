@@ -8,6 +8,7 @@ float64 sum of the snapshot tensors read with safetensors itself.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 
 import pytest
@@ -222,6 +223,34 @@ def test_reconstruct_groups_names_in_file_order_one_read_per_profile_and_group(t
     assert list(got) == list(want) == [str(n) for n in range(12)]  # the model's order, whatever the files'
     for name, value in want.items():
         assert_close(got[name], value, rtol=1e-12, atol=1e-12)
+
+
+def test_verify_and_reconstruct_open_each_file_once_however_many_reads(tmp_path, monkeypatch):
+    infos = _run(tmp_path)
+    monkeypatch.setattr(read_ahead, "CHUNK", 64)  # a read per tensor or piece: dozens per file
+    opened = []
+    real = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
+    assert verify.verify([tmp_path]) == []  # the headers read first, on the calling thread
+    posthoc.reconstruct(infos, sigma_rel=0.08, progress=False)  # the headers read on the workers
+    assert sorted(opened) == sorted(2 * [str(info.path) for info in infos])
+
+
+def test_buffers_of_every_stored_dtype_verify_and_come_back_bit_for_bit(tmp_path):
+    # uint16/32/64 buffers are valid safetensors dtypes: verify once called such files unreadable.
+    model = torch.nn.Linear(4, 3)
+    unsigned = {"u16": torch.uint16, "u32": torch.uint32, "u64": torch.uint64}
+    for name, dtype in unsigned.items():
+        model.register_buffer(name, torch.tensor([0, 1, 7, 65535], dtype=torch.int64).to(dtype))
+    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
+    for _ in range(4):
+        pema.update(dt=10)
+        pema.save_snapshot(tmp_path)
+    assert verify.verify([tmp_path]) == []
+    out = posthoc.reconstruct(tmp_path, sigma_rel=0.08, progress=False)
+    for name, dtype in unsigned.items():
+        assert out[name].dtype == dtype
+        assert out[name].to(torch.int64).tolist() == [0, 1, 7, 65535]
 
 
 def test_run_groups_hands_every_piece_once_in_order_and_checks_large_tensors_after_their_last_piece(

@@ -24,6 +24,7 @@ and dtypes.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
@@ -52,7 +53,9 @@ _MAX_HEADER = 100 << 20
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }  # fmt: skip
 
 
@@ -151,16 +154,21 @@ class _Files:
 
     def __init__(self, layouts: dict[Path, dict]) -> None:
         self.layouts, self.fds, self.lock = layouts, {}, threading.Lock()
+        self.tried: set[Path] = set()  # files opened (or tried) to keep: each at most once
 
     def entry(self, info: SnapshotInfo, key: str) -> tuple:
-        """``(dtype, shape, file offset, bytes)`` of ``key`` in ``info``'s file (its header read on first use)."""
+        """``(dtype, shape, file offset, bytes)`` of ``key`` in ``info``'s file (its header read on first use, also
+        where the caller read it before: its descriptor is kept for every read of it)."""
         layout = self.layouts.get(info.path)
-        if layout is None:
+        if layout is None or info.path not in self.tried:
             with self.lock:
                 if info.path not in self.layouts:
                     self.layouts[info.path] = _layout(info.path)
+                if info.path not in self.tried:
                     if len(self.fds) < _OPEN_FILES:
-                        self.fds[info.path] = os.open(info.path, os.O_RDONLY)
+                        with contextlib.suppress(OSError):  # then each read opens it, and names it if it cannot
+                            self.fds[info.path] = os.open(info.path, os.O_RDONLY)
+                    self.tried.add(info.path)  # after the descriptor: another worker reading it finds it
                 layout = self.layouts[info.path]
         entry = layout.get(key)
         if entry is None:

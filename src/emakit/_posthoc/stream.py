@@ -29,8 +29,9 @@ def _weighted_sums(
     Plain single files (``reader_for.whole_files``) are summed on the worker threads, a few
     MiB of the model at a time, each piece read, checksummed and added by one core while it
     is in cache (:class:`_Sums`); other snapshots file by file through
-    ``reader_for``. NaN or Inf in a snapshot makes the sums non-finite: checked once at the
-    end, and only then are the files searched for the tensor to name.
+    ``reader_for``. NaN or Inf in a snapshot makes the sums non-finite: checked once per sum
+    (on the workers, as each group's sums are done and in cache), and only then are the files
+    searched for the tensor to name.
     """
     used = solutions[0].snapshots
     # Accumulate in fp32 at least (snapshots may be fp16/bf16), cast at the end.
@@ -54,7 +55,7 @@ def _weighted_sums(
                 if error is not None:
                     raise error
                 bar.update(total.counts[n])
-        sums = total.result()
+        sums, finite = total.result(), total.finite
     else:  # tensor by tensor; a sharded snapshot's reader may give this rank's part (another shape)
         sums = [{} for _ in solutions]
         for i, key, value in _values(used, plan, reader_for):
@@ -66,10 +67,16 @@ def _weighted_sums(
                     else:
                         acc[name] = x * sol.weights[i][j]
                 bar.update(1)
-    # A sum is NaN/Inf when an element is (30x faster than isfinite); an overflowing sum is confirmed.
-    if any(not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()) for v in sums[0].values()):
+        finite = all(_finite(v) for v in sums[0].values())
+    if not finite:
         _name_nonfinite(used, names, reader_for)
     return sums
+
+
+def _finite(x: Tensor) -> bool:
+    """Whether every element of ``x`` is finite: its sum is NaN/Inf when one is (30x faster than ``isfinite``),
+    and a sum that overflowed is confirmed element by element."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 class _Sums:
@@ -121,10 +128,15 @@ class _Sums:
             self.items[n].append((used[i], key))
             self.counts[n] += len(targets)
         self.flats: list[list[Tensor] | None] = [None] * len(self.sizes)
-        self.parts: dict[str, list[Tensor]] = {}  # name -> its sum of every solution, once its group is done
+        # name -> its sum of every solution: allocated here, on the calling thread (whose allocator keeps freed
+        # memory mapped, where a worker's gives it back: 5-10k page faults per 40 MB), filled by its group
+        self.parts: dict[str, list[Tensor]] = {
+            name: [torch.empty(latest.shapes[name], dtype=acc_dtype) for _ in solutions] for name in latest.averaged
+        }
         self._scratch: list[Tensor] = []  # flat tensors of finished groups, to sum the next ones into
         self._scratch_size = max((self.sizes[n] for n, names in self.names_of.items() if len(names) > 1), default=0)
         self._lock = threading.Lock()
+        self.finite = True  # whether every finished group's first sums are finite (checked while in cache)
 
     def adder(self, n: int):
         """The :data:`~emakit._files.read_ahead.PieceFn` adding reads into group ``n``'s sums."""
@@ -169,7 +181,7 @@ class _Sums:
     def _flats(self, n: int) -> list[Tensor]:
         """Group ``n``'s flat sums, one per solution: scratch, or the name's own tensors for a group of one."""
         if len(self.names_of[n]) == 1:
-            return [torch.empty(self.sizes[n], dtype=self.acc_dtype) for _ in self.solutions]
+            return [part.view(-1) for part in self.parts[self.names_of[n][0]]]
         with self._lock:
             free, self._scratch = self._scratch[: len(self.solutions)], self._scratch[len(self.solutions) :]
         return free + [torch.empty(self._scratch_size, dtype=self.acc_dtype) for _ in self.solutions[len(free) :]]
@@ -179,12 +191,14 @@ class _Sums:
 
         def finish() -> None:
             latest, flats, names = self.used[-1], self.flats[n], self.names_of[n]
+            if not _finite(flats[0][: self.sizes[n]]):
+                self.finite = False
             if len(names) == 1:
-                self.parts[names[0]] = [flat.view(latest.shapes[names[0]]) for flat in flats]
                 return
             for name in names:
                 at, numel = self.offset[name], math.prod(latest.shapes[name])
-                self.parts[name] = [flat[at : at + numel].view(latest.shapes[name]).clone() for flat in flats]
+                for part, flat in zip(self.parts[name], flats):
+                    part.view(-1).copy_(flat[at : at + numel])
             with self._lock:
                 self._scratch += flats
             self.flats[n] = None
@@ -245,7 +259,7 @@ def _average_key(info: SnapshotInfo, j: int, name: str) -> str:
 def _check_finite(info: SnapshotInfo, key: str, x: Tensor, why: str) -> None:
     """Raise if ``x`` holds NaN or Inf: a sum is NaN/Inf when an element is (30x faster than ``isfinite``), and
     a sum that overflowed while every element is finite is confirmed element by element."""
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not _finite(x):
         raise SnapshotError(f"{info.path}: tensor {key!r} holds NaN or Inf; {why}")
 
 
