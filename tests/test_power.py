@@ -157,3 +157,18 @@ def test_crash_while_writing_leaves_no_snapshot(tmp_path, monkeypatch):
     # A temporary file left by a hard kill is not a snapshot.
     (tmp_path / ".phema-000000000000001.safetensors.123.tmp").write_bytes(b"partial")
     assert snapshots.snapshot_paths(tmp_path) == []
+
+
+def test_a_complex_average_is_refused_by_save_snapshot_before_anything_is_written(tmp_path):
+    # Snapshots store averages as real numbers: writing a complex one would drop its imaginary part.
+    model = nn.Linear(4, 3)
+    model.register_buffer("phase", torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64))
+    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10))
+    pema.update(dt=10)
+    with pytest.raises(ValueError, match=r"complex tensor 'phase' would lose its imaginary part.*include="):
+        pema.save_snapshot(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    kept = emakit.PowerEMA(model, sigma_rels=(0.05, 0.10), include=lambda name: name != "phase")
+    kept.update(dt=10)
+    info = snapshots.read_info(kept.save_snapshot(tmp_path))
+    assert "phase" not in info.averaged and "weight" in info.averaged

@@ -247,6 +247,13 @@ class PowerEMA(_Averager):
             )
         if encoding == "compact" and dtype != torch.float32:
             raise ValueError(f"PowerEMA.save_snapshot: encoding='compact' stores float32 values, got dtype={dtype}")
+        complex_ = [n for g in self._storage.groups if g.buffer.is_complex() for n in g.names]
+        if complex_:
+            raise ValueError(
+                f"PowerEMA.save_snapshot: snapshots store the averages as real {dtype} numbers, and the average of "
+                f"complex tensor {complex_[0]!r} would lose its imaginary part; leave complex tensors out with "
+                f"include=lambda name: ... (their average: a separate emakit.EMA)"
+            )
         if dtype in (torch.float16, torch.bfloat16):
             warnings.warn(
                 f"PowerEMA.save_snapshot: storing snapshots as {dtype} amplifies post-hoc reconstruction "
