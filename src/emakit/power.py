@@ -247,13 +247,7 @@ class PowerEMA(_Averager):
             )
         if encoding == "compact" and dtype != torch.float32:
             raise ValueError(f"PowerEMA.save_snapshot: encoding='compact' stores float32 values, got dtype={dtype}")
-        complex_ = [n for g in self._storage.groups if g.buffer.is_complex() for n in g.names]
-        if complex_:
-            raise ValueError(
-                f"PowerEMA.save_snapshot: snapshots store the averages as real {dtype} numbers, and the average of "
-                f"complex tensor {complex_[0]!r} would lose its imaginary part; leave complex tensors out with "
-                f"include=lambda name: ... (their average: a separate emakit.EMA)"
-            )
+        _refuse_complex(self._storage.groups, dtype)
         if dtype in (torch.float16, torch.bfloat16):
             warnings.warn(
                 f"PowerEMA.save_snapshot: storing snapshots as {dtype} amplifies post-hoc reconstruction "
@@ -296,4 +290,15 @@ def _check_extras_finite(owner: str, common: dict[str, Any], sharded: bool) -> N
         raise NonFiniteError(
             f"{owner}.save_snapshot: {bad} holds NaN or Inf (it is copied, not averaged); nothing was "
             f"written. Find the step that made the model's weights non-finite"
+        )
+
+
+def _refuse_complex(groups, dtype: torch.dtype) -> None:
+    """Snapshots store averages as real numbers: a complex average would lose its imaginary part."""
+    names = [n for g in groups if g.buffer.is_complex() for n in g.names]
+    if names:
+        raise ValueError(
+            f"PowerEMA.save_snapshot: snapshots store the averages as real {dtype} numbers, and the average of "
+            f"complex tensor {names[0]!r} would lose its imaginary part; leave complex tensors out with "
+            f"include=lambda name: ... (their average: a separate emakit.EMA)"
         )
