@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import threading
 import zlib
 from pathlib import Path
@@ -222,8 +223,8 @@ def clear_decoded_cache() -> None:
 
 def _identity(path: Path) -> tuple:
     """Which file, as it is now: the same file by any path name, changed when rewritten (no ``resolve``: slow)."""
-    stat = os.stat(path)
-    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    status = os.stat(path)
+    return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size, status.st_mode)
 
 
 def _cached(key: str, identity: tuple) -> Tensor | None:
@@ -280,14 +281,18 @@ def _earlier(info: SnapshotInfo, t: float, key: str) -> Tensor:
     """The decoded value of ``key`` in the earlier snapshot at ``t`` that ``info``'s delta needs (its reference, or
     the reference's reference): from the cache, or decoded."""
     path = info.path.parent / file_name(t)
-    if not path.is_file():
+    try:
+        identity = _identity(path)  # one stat: it also says whether the file is there
+    except OSError:
+        identity = None
+    if identity is None or not stat.S_ISREG(identity[4]):
         role = "reference" if t == info.reference else "reference's reference (its prediction reads it)"
         raise SnapshotError(
             f"{info.path}: compact snapshot at t={info.t:g} is a delta against t={info.reference:g}, but its "
             f"{role} {path.name} is missing from {info.path.parent}; keep every snapshot back to the "
             f"previous keyframe (or thin out only whole chains)"
         )
-    cached = _cached(key, _identity(path))
+    cached = _cached(key, identity)
     if cached is not None:
         return cached
     ref = read_info(path)
