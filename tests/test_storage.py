@@ -94,6 +94,18 @@ def test_files_checksummed_by_isal_verify_with_zlib_alone(tmp_path, monkeypatch)
     assert len(problems) == 1 and "'avg.1/0.weight' does not match its checksum" in problems[0], problems
 
 
+@pytest.mark.parametrize("numpy_views", [True, False])
+def test_buffer_of_is_the_tensors_bytes_in_place_with_or_without_numpy(monkeypatch, numpy_views):
+    monkeypatch.setattr(checksums, "_numpy", lambda: numpy_views)
+    x = torch.arange(7, dtype=torch.int16)
+    buf = checksums.buffer_of(x)
+    assert bytes(memoryview(buf).cast("B")) == b"".join(int(v).to_bytes(2, "little") for v in range(7))
+    x[3] = -1  # in place: the buffer sees the change
+    assert bytes(memoryview(buf).cast("B"))[6:8] == b"\xff\xff"
+    assert checksums.extend(0, checksums.buffer_of(x), "crc32") == zlib.crc32(x.numpy().tobytes())
+    assert checksums.buffer_of(torch.empty(0)) == b""
+
+
 def test_hex_digest_of_a_tensor_is_that_of_its_bytes():
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
     raw = x.numpy().tobytes()
