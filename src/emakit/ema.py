@@ -31,7 +31,7 @@ class EMA(_Averager):
     are always copied. Frozen parameters (``requires_grad=False``) and tensors rejected by
     ``include(name)`` take no memory: they are read from the model when needed.
 
-    Precision and placement: averages of fp16/bf16 weights are kept in fp32 (a bf16 average
+    Precision and placement: averages of fp16/bf16/float8 weights are kept in fp32 (a bf16 average
     at decay 0.9999 never moves), other dtypes as they are; ``dtype=`` overrides. ``device=``
     keeps the average elsewhere (e.g. ``"cpu"`` to save accelerator memory).
 
@@ -43,7 +43,7 @@ class EMA(_Averager):
         schedule: a decay schedule; give ``decay`` or ``schedule``, not both.
         buffers: ``"average"`` (default) or ``"copy"`` for floating buffers.
         include: ``include(name) -> bool`` selects the tensors to track (normalised names).
-        dtype: dtype of the averages (default: fp32 for half-precision weights).
+        dtype: dtype of the averages (default: fp32 for half-precision and float8 weights).
         device: device of the averages (default: the weights' device).
         skip_nonfinite: skip an update (with a warning) when the model holds NaN or Inf.
             Costs one host synchronisation per update.

@@ -89,8 +89,10 @@ def is_float(t: Tensor) -> bool:
 
 
 def default_average_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision weights (an fp16/bf16 average at decay 0.9999 never moves), else the same."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    """fp32 for half-precision and float8 weights (an fp16/bf16 average at decay 0.9999 never moves; torch has no
+    float8 arithmetic to average in), else the same."""
+    low = dtype in (torch.float16, torch.bfloat16) or (dtype.is_floating_point and dtype.itemsize == 1)
+    return torch.float32 if low else dtype
 
 
 def key_mismatch_message(given: Iterable[str], expected: Iterable[str], shown: int = 3) -> str:
