@@ -353,6 +353,29 @@ def test_outputs_safetensors_and_torch_files(tmp_path):
     assert written["step"] == 3 and all(torch.equal(written["model"][k], v) for k, v in got.state_dict.items())
 
 
+@pytest.mark.parametrize("name", ["avg.safetensors", "avg.pt"])
+def test_a_save_average_that_fails_midway_leaves_the_earlier_file_whole_and_no_temporary(tmp_path, monkeypatch, name):
+    _write(tmp_path / "in", _states(3), [1, 2, 3], nest="model")
+    got = posthoc.average_checkpoints(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    before = posthoc.save_average(got, out / name).read_bytes()
+
+    def dies_halfway(obj, where, *args, **kwargs):  # the writer of either format, cut off after some bytes
+        with open(where, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    monkeypatch.setattr(safetensors_torch, "save_file", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        posthoc.save_average(got, out / name)
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_bytes() == before
+    with pytest.raises(OSError, match="disk full"):
+        posthoc.save_average(got, out / f"new-{name}")  # nothing there before: nothing there after
+    assert [p.name for p in out.iterdir()] == [name]
+
+
 # --------------------------------------------------------------------------- bad input
 
 
