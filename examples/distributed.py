@@ -13,6 +13,7 @@ from the snapshots, distributed (each rank its shards) and offline on rank 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -48,7 +49,18 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        train(args, device, dist.get_rank(), dist.get_world_size())
+        # Every model, EMA and FSDP object of train() is gone before the group is: tearing gloo down while a
+        # rank still holds them can abort the process at exit ("terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args, device: torch.device, rank: int, world: int) -> None:
+    """Train, average, save, resume and rebuild on every rank (the process group is up)."""
     out = Path(args.out or tempfile.mkdtemp(prefix="emakit-dist-")) if rank == 0 else None
     shared = [str(out)]
     dist.broadcast_object_list(shared)  # every rank writes into the same directory
@@ -143,8 +155,6 @@ def main() -> None:
     if rank == 0:
         sd = posthoc.reconstruct(out / "phema", sigma_rel=0.08, progress=False)
         print(f"post-hoc sigma_rel=0.08 (offline): {len(sd)} tensors; outputs in {out}")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
