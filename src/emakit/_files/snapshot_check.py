@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .. import snapshots
+from .._engine.nonfinite import all_finite
 from . import read_ahead as _read_ahead
 
 #: Names listed in one problem line before "...".
@@ -88,12 +88,6 @@ def check_snapshots(paths: list[Path]) -> list[_SnapshotCheck]:
     return checks
 
 
-def _finite(value: Tensor) -> bool:
-    """Whether every element of a floating tensor is finite: a sum is NaN/Inf when an element is (30x faster than
-    ``isfinite``), and a sum that overflowed while every element is finite is confirmed element by element."""
-    return math.isfinite(float(value.sum())) or bool(torch.isfinite(value).all())
-
-
 class _SnapshotCheck:
     """What one snapshot promises (its header) and what its tensors hold, checked piece by piece."""
 
@@ -119,10 +113,10 @@ class _SnapshotCheck:
         floats = [p for p in pieces if p.dtype.is_floating_point]
         if floats and all(p.dtype == floats[0].dtype and p.at == q.at + q.nbytes for q, p in zip(floats, floats[1:])):
             whole = floats[0]._replace(nbytes=floats[-1].at + floats[-1].nbytes - floats[0].at)
-            if _finite(whole.of(data)):  # one sum for the whole read, the usual case
+            if all_finite(whole.of(data)):  # one sum for the whole read, the usual case
                 return
         for piece in floats:
-            if not _finite(piece.of(data)):
+            if not all_finite(piece.of(data)):
                 self.nonfinite.add(piece.key)
 
     def _promised(self, key: str, shape: tuple, dtype: torch.dtype) -> None:
@@ -150,7 +144,7 @@ class _SnapshotCheck:
             for key in self.order:
                 value = reader.get(key)
                 self._promised(key, value.shape, value.dtype)
-                if value.is_floating_point() and not _finite(value):
+                if value.is_floating_point() and not all_finite(value):
                     self.nonfinite.add(key)
         except _read_errors() as e:
             self.errors.append(e)
