@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import checksums as _checksums
-from .header import SnapshotError, SnapshotInfo
+from .header import _SAFETENSORS_DTYPES, SnapshotError, SnapshotInfo
 
 #: Bytes read in one call at most, and the size of each worker's buffer: small enough that a
 #: checksum and the caller's work on the bytes find them in cache (1-4 MiB measured alike here;
@@ -49,15 +49,6 @@ _GROUP = 4 * CHUNK
 _OPEN_FILES = 256
 #: Largest safetensors header read (safetensors' own limit is 100 MB).
 _MAX_HEADER = 100 << 20
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2": torch.float8_e5m2,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-}  # fmt: skip
-
 
 
 class Piece(NamedTuple):
@@ -99,7 +90,7 @@ def _layout(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, in
         for key, entry in header.items():
             if key == "__metadata__":
                 continue
-            dtype, shape = _DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"])
+            dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"])
             start, end = (int(n) for n in entry["data_offsets"])
             nbytes = math.prod(shape) * dtype.itemsize
             if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != nbytes or 8 + length + end > size:
