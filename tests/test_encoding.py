@@ -200,15 +200,15 @@ def test_heavy_tailed_deltas_get_the_finer_rms_step_and_decode_within_half_a_ste
 
 
 def _bomb_payload(kind: str, nbytes: int) -> bytes:
-    if kind == "zstd":
+    if kind.startswith("zstd"):  # a frame that states its size is refused by it, one that does not while streamed
         zstandard = pytest.importorskip("zstandard")
-        return zstandard.ZstdCompressor(level=19).compress(bytes(nbytes))
+        return zstandard.ZstdCompressor(level=19, write_content_size=kind == "zstd").compress(bytes(nbytes))
     import zlib
 
     return zlib.compress(bytes(nbytes), 9)
 
 
-@pytest.mark.parametrize("kind", ["zlib", "zstd"])
+@pytest.mark.parametrize("kind", ["zlib", "zstd", "zstd, size not stated"])
 @pytest.mark.parametrize("profile", [0, 1])
 def test_a_payload_that_inflates_past_its_tensor_is_refused_without_inflating_it(tmp_path, kind, profile):
     # A crafted file: its header checksums redone, a payload of 256 MiB of zeros for a 4000-element tensor.
@@ -253,6 +253,44 @@ def test_a_predicted_delta_keeps_its_step_and_error_and_needs_fewer_bytes():
     assert torch.equal(_encoding.decode_delta(payload, scale, ref, predictors=[lower], coefficients=a), decoded_p)
     assert _encoding.fit_prediction(x, ref, [torch.randn(20_000)]) == ()  # explains nothing: no prediction
     assert _encoding.fit_prediction(ref, ref, [lower]) == ()  # nothing to predict
+
+
+def test_zstd_payloads_with_and_without_a_stated_size_decode_alike_and_bad_ones_are_refused():
+    # emakit's zstd frames state their size (inflated in one call, after the size is checked against the tensor's
+    # bound); a frame that does not (another writer's) is streamed: both give the same bits.
+    zstandard = pytest.importorskip("zstandard")
+    torch.manual_seed(2)
+    ref, numel = torch.randn(50_000), 50_000
+    x = ref.double() + torch.randn(numel, dtype=torch.float64) * 1e-3
+    x[7] += 50.0  # one step beyond int16: an escape after the steps
+    payload, scale, decoded = _encoding.encode_delta(x, ref)
+    raw = zstandard.ZstdDecompressor().decompress(payload.numpy().tobytes())
+    assert zstandard.frame_content_size(payload.numpy().tobytes()) == len(raw)
+    unstated = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(raw)
+    assert zstandard.frame_content_size(unstated) == -1
+    for data in (payload, torch.frombuffer(bytearray(unstated), dtype=torch.uint8)):
+        assert torch.equal(_encoding.decode_delta(data, scale, ref), decoded)
+    for bad in (
+        zstandard.ZstdCompressor(level=1).compress(raw[:-1]),  # a step short
+        zstandard.ZstdCompressor(level=1).compress(raw + bytes(1)),  # a byte more than its steps and escapes
+        payload.numpy().tobytes()[:-9],  # truncated
+        zstandard.ZstdCompressor(level=1).compress(bytes(10 * numel + 5)),  # states more than any delta can hold
+    ):
+        with pytest.raises(ValueError):
+            _encoding.decode_delta(torch.frombuffer(bytearray(bad), dtype=torch.uint8), scale, ref)
+
+
+def test_a_predictor_given_as_a_difference_predicts_the_same_bits_as_the_difference_itself():
+    torch.manual_seed(3)
+    ref, later, earlier, other = (torch.randn(30_000) for _ in range(4))
+    x = ref.double() + 0.6 * (later - earlier).double() + 0.2 * other.double()
+    columns = [later - earlier, other]
+    a = _encoding.fit_prediction(x, ref, columns)
+    payload, scale, decoded = _encoding.encode_delta(x, ref, predictors=columns, coefficients=a)
+    pairs = [(later, earlier), other]  # as the reader passes them: subtracted where used
+    assert torch.equal(_encoding.decode_delta(payload, scale, ref, predictors=pairs, coefficients=a), decoded)
+    with pytest.raises(ValueError, match="2 coefficients need as many predictors of shape"):
+        _encoding.decode_delta(payload, scale, ref, predictors=[(later[:5], earlier[:5]), other], coefficients=a)
 
 
 def _version_is_2_and_a_version_1_claim_is_refused(path, scratch):

@@ -98,6 +98,8 @@ def _check_same_run(infos: Sequence[SnapshotInfo]) -> None:
     """
     first = infos[0]
     for info in infos[1:]:
+        if info.shapes == first.shapes and info.copied == first.copied:
+            continue  # the usual case, compared in C (a model of 2000 tensors, 50 files: 0.2 s in Python)
         common = info.shapes.keys() & first.shapes.keys()
         if info.copied != first.copied or any(info.shapes[n] != first.shapes[n] for n in common):
             diff = sorted(set(info.shapes.items()) ^ set(first.shapes.items()))

@@ -100,21 +100,33 @@ def _inflate(payload: Tensor, limit: int):
 
 
 class _Inflated:
-    """Bounded reading of a zstd or zlib stream: never more than ``limit`` bytes come out of it."""
+    """Bounded reading of a zstd or zlib stream: never more than ``limit`` bytes come out of it.
+
+    A zstd frame that states its size (emakit writes such frames) is inflated in one call once that size is
+    checked against the limit, twice as fast as streaming it; other frames, and zlib, are streamed.
+    """
 
     def __init__(self, data: bytes, limit: int) -> None:
-        self._left = limit
-        if data[:4] == _ZSTD_MAGIC:
-            zstandard = _zstd()
-            if zstandard is None:
-                raise ImportError("this compact snapshot is zstd-compressed: pip install zstandard (or 'emakit[fast]')")
-            self._stream = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
-            self._zlib = None
-        else:
+        self._left, self._zlib, self._whole, self._at = limit, None, None, 0
+        if data[:4] != _ZSTD_MAGIC:
             self._zlib, self._data = zlib.decompressobj(), data
+            return
+        zstandard = _zstd()
+        if zstandard is None:
+            raise ImportError("this compact snapshot is zstd-compressed: pip install zstandard (or 'emakit[fast]')")
+        try:
+            size = zstandard.frame_content_size(data)  # -1: not stated
+            if size > limit:
+                raise ValueError(f"the payload claims {size} bytes, more than the {limit} its shape allows")
+            if size >= 0:
+                self._whole = memoryview(zstandard.ZstdDecompressor().decompress(data))
+            else:
+                self._stream = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
+        except zstandard.ZstdError as e:
+            raise ValueError(f"the payload is not a valid compressed stream ({e})") from None
 
-    def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; ``ValueError`` if the stream ends first or ``n`` passes the limit."""
+    def read(self, n: int) -> bytes | memoryview:
+        """Exactly ``n`` bytes (a bytes-like object); ``ValueError`` if the stream ends first or ``n`` passes the limit."""
         if n > self._left:
             raise ValueError(f"the payload claims more than the {self._left + n} bytes its shape allows")
         self._left -= n
@@ -124,11 +136,12 @@ class _Inflated:
         return out
 
     def read_into(self, out: Tensor) -> None:
-        """Fill the uint8 tensor ``out`` (no copy with zstd); errors as :meth:`read`."""
+        """Fill the uint8 tensor ``out`` (inflated into it when zstd streams); errors as :meth:`read`."""
         n = out.numel()
-        if self._zlib is not None or n == 0:
+        if self._whole is not None or self._zlib is not None or n == 0:
             if n:
-                out.copy_(torch.frombuffer(bytearray(self.read(n)), dtype=torch.uint8))
+                view = self.read(n)
+                memoryview(_buffer_of(out)).cast("B")[:] = view
             return
         if n > self._left:
             raise ValueError(f"the payload claims more than the {self._left} bytes its shape allows")
@@ -142,10 +155,13 @@ class _Inflated:
         if got != n:
             raise ValueError(f"decoded {got} bytes, expected {n}")
 
-    def _pull(self, n: int) -> bytes:
+    def _pull(self, n: int) -> bytes | memoryview:
         """Up to ``n`` more bytes (fewer at the end); the decompressors' errors as ``ValueError``."""
         if n <= 0:
             return b""  # (zlib reads max_length=0 as "no limit")
+        if self._whole is not None:
+            out, self._at = self._whole[self._at : self._at + n], min(self._at + n, len(self._whole))
+            return out
         try:
             if self._zlib is not None:
                 out = self._zlib.decompress(self._data, n)
@@ -189,7 +205,8 @@ def encode_keyframe(x: Tensor) -> Tensor:
 def decode_keyframe(payload: Tensor, shape: tuple[int, ...]) -> Tensor:
     """The fp32 tensor of ``shape`` that :func:`encode_keyframe` stored in ``payload``."""
     numel = int(np.prod(shape, dtype=np.int64))
-    return torch.from_numpy(_inflate_unshuffle(payload, np.float32, numel).copy()).reshape(shape)
+    values = _inflate_unshuffle(payload, np.float32, numel)  # a fresh array, but for one element (a view of the bytes)
+    return torch.from_numpy(values if values.flags.writeable else values.copy()).reshape(shape)
 
 
 def _apply(reference: Tensor, steps: Tensor, scale: float) -> Tensor:
@@ -247,16 +264,22 @@ def _peak_rms(diff: Tensor) -> tuple[float, float]:
     return _peak(flat), math.sqrt(float(torch.dot(flat, flat)) / flat.numel())
 
 
-def _predict(reference: Tensor, predictors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+def _predict(reference: Tensor, predictors: Sequence, coefficients: Sequence[float]) -> Tensor:
     """``reference + sum_k a_k * predictors[k]`` in fp32, a product and a sum at a time (no fused multiply-add:
-    the same bits on every CPU)."""
+    the same bits on every CPU). A predictor is a tensor, or a pair ``(m, s)`` that stands for ``m - s``
+    (subtracted here, into the tensor the products use: no tensor per predictor)."""
     if not coefficients:
         return reference
-    if len(predictors) != len(coefficients) or any(p.shape != reference.shape for p in predictors):
+    shapes = [t.shape for p in predictors for t in (p if isinstance(p, tuple) else (p,))]
+    if len(predictors) != len(coefficients) or any(shape != reference.shape for shape in shapes):
         raise ValueError(f"{len(coefficients)} coefficients need as many predictors of shape {tuple(reference.shape)}")
-    base = reference.to(torch.float32, copy=True)
+    term, base = torch.empty(reference.shape, dtype=torch.float32), None
     for a, p in zip(coefficients, predictors):
-        base.add_(p * torch.tensor(a, dtype=torch.float32))
+        if isinstance(p, tuple):
+            term = torch.sub(*p, out=term).mul_(torch.tensor(a, dtype=torch.float32))
+        else:
+            term = torch.mul(p, torch.tensor(a, dtype=torch.float32), out=term)
+        base = torch.add(reference, term) if base is None else base.add_(term)
     return base
 
 
@@ -337,7 +360,7 @@ def decode_delta(
     stream.end()
     # An int16 step is (signed high byte) * 256 + (low byte): summed in fp32 (exact), no byte transpose.
     steps = head[numel : 2 * numel].view(torch.int8).to(torch.float32)
-    steps.mul_(256).add_(head[:numel])
+    torch.add(head[:numel].to(torch.float32), steps, alpha=256, out=steps)
     if count:
         where, values = torch.from_numpy(escapes[:count].copy()), torch.from_numpy(escapes[count:].copy())
         steps[where.long()] = values.to(torch.float32)

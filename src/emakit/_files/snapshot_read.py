@@ -271,10 +271,10 @@ def _predictors(info: SnapshotInfo, key: str, reference: Tensor, coefficients, r
     columns = []
     for k in range(j):
         lower = f"avg.{k}/{name}"
-        columns.append(_decode(info, lower, reader) - _earlier(info, info.reference, lower))
+        columns.append((_decode(info, lower, reader), _earlier(info, info.reference, lower)))
     if reads_previous(key, coefficients):
-        columns.append(reference - _earlier(info, info.previous, key))
-    return columns
+        columns.append((reference, _earlier(info, info.previous, key)))
+    return columns  # pairs (m, s) standing for m - s, subtracted as the decoder needs them
 
 
 def _earlier(info: SnapshotInfo, t: float, key: str) -> Tensor:

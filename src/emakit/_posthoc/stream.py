@@ -44,9 +44,10 @@ def _weighted_sums(
     # time) is every profile's average, read once.
     plan: dict[tuple[int, str], list[tuple[int, str]]] = {}
     for i, info in enumerate(used):
+        key_of = _keys(info)
         for j in range(info.num_profiles):
             for name in names:
-                plan.setdefault((i, _average_key(info, j, name)), []).append((j, name))
+                plan.setdefault((i, key_of(j, name)), []).append((j, name))
     if getattr(reader_for, "whole_files", False) and all(_read_ahead.supports(info) for info in used):
         layouts: dict = {}
         total = _Sums(solutions, plan, acc_dtype, layouts)
@@ -232,23 +233,30 @@ def _tensors(info: SnapshotInfo, reader_for, keys: list[str]):
 def _name_nonfinite(used: Sequence[SnapshotInfo], names: Sequence[str], reader_for) -> None:
     """Raise naming the first snapshot tensor that holds NaN or Inf (none: the sum overflowed, left as it is)."""
     for info in used:
-        keys = list(dict.fromkeys(_average_key(info, j, n) for j in range(info.num_profiles) for n in names))
+        key_of = _keys(info)
+        keys = list(dict.fromkeys(key_of(j, n) for j in range(info.num_profiles) for n in names))
         for key, value in _tensors(info, reader_for, keys):
             if not bool(torch.isfinite(value).all()):
                 raise SnapshotError(f"{info.path}: tensor {key!r} holds NaN or Inf; it cannot be averaged")
 
 
-def _average_key(info: SnapshotInfo, j: int, name: str) -> str:
-    """Where snapshot ``info`` holds profile ``j``'s average of ``name``."""
-    if name in info.averaged:
-        return f"avg.{j}/{name}"
-    if name in info.static:
-        return f"static/{name}"
-    raise SnapshotError(
-        f"{info.path}: holds no average of {name!r}, which later snapshots average (it was frozen at "
-        f"t={info.t:g} and saved with static=False); reconstruct at a t whose snapshots all average it, or "
-        f"save snapshots with static=True"
-    )
+def _keys(info: SnapshotInfo):
+    """``key_of(j, name)``: where snapshot ``info`` holds profile ``j``'s average of ``name`` (names looked up in
+    sets: a model of 2000 tensors asks 2000 times per file and profile)."""
+    averaged, static = frozenset(info.averaged), frozenset(info.static)
+
+    def key_of(j: int, name: str) -> str:
+        if name in averaged:
+            return f"avg.{j}/{name}"
+        if name in static:
+            return f"static/{name}"
+        raise SnapshotError(
+            f"{info.path}: holds no average of {name!r}, which later snapshots average (it was frozen at "
+            f"t={info.t:g} and saved with static=False); reconstruct at a t whose snapshots all average it, or "
+            f"save snapshots with static=True"
+        )
+
+    return key_of
 
 
 def _check_finite(info: SnapshotInfo, key: str, x: Tensor, why: str) -> None:
