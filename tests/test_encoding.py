@@ -293,6 +293,84 @@ def test_a_predictor_given_as_a_difference_predicts_the_same_bits_as_the_differe
         _encoding.decode_delta(payload, scale, ref, predictors=[(later[:5], earlier[:5]), other], coefficients=a)
 
 
+def _deltas(seed: int):
+    """Deltas of tensors of several shapes (one empty, one with escapes), with 0, 1 and 2 predictors."""
+    torch.manual_seed(seed)
+    shapes = [(300,), (0,), (7, 11), (1,), (2000,), (5, 4, 3), (64,)]
+    out = []
+    for n, shape in enumerate(shapes):
+        ref, lower, before = (torch.randn(shape) for _ in range(3))
+        x = ref.double() + 0.5 * lower.double() + torch.randn(shape, dtype=torch.float64) * 1e-3
+        if n == 4:
+            x.view(-1)[[3, 1999]] += 40.0  # steps beyond int16: escapes
+        columns = [[], [lower], [lower, ref - before]][n % 3]
+        a = _encoding.fit_prediction(x, ref, columns) if columns else ()
+        payload, scale, decoded = _encoding.encode_delta(x, ref, predictors=columns[: len(a)], coefficients=a)
+        pairs = [(lower, torch.zeros(shape)), (ref, before)][: len(a)]
+        out.append((payload, scale, ref, pairs, a, decoded))
+    return out
+
+
+@pytest.mark.parametrize("batch", [1 << 20, 500])
+def test_many_deltas_decode_together_to_the_bits_of_each_alone(monkeypatch, batch):
+    monkeypatch.setattr(_encoding, "BATCH_NUMEL", batch)  # 500: batches cut between (and around) tensors
+    deltas = _deltas(4)
+    assert {len(d[4]) for d in deltas} == {0, 1, 2}
+    payloads, scales, refs, pairs, coefficients, decoded = (list(c) for c in zip(*deltas))
+    together = _encoding.decode_deltas(payloads, scales, refs, predictors=pairs, coefficients=coefficients)
+    for value, want, p, scale, ref, pair, a in zip(together, decoded, payloads, scales, refs, pairs, coefficients):
+        assert value.shape == want.shape and torch.equal(value, want)
+        assert torch.equal(_encoding.decode_delta(p, scale, ref, predictors=pair, coefficients=a), want)
+    broken = list(payloads)
+    broken[5] = torch.frombuffer(bytearray(broken[5].numpy().tobytes()[:-3]), dtype=torch.uint8)
+    with pytest.raises(_encoding.PayloadError) as error:
+        _encoding.decode_deltas(broken, scales, refs, predictors=pairs, coefficients=coefficients)
+    assert error.value.index == 5 and isinstance(error.value, ValueError)
+
+
+def test_an_escape_outside_its_tensor_is_refused():
+    zstandard = pytest.importorskip("zstandard")
+    ref = torch.zeros(10)
+    steps = torch.zeros(20, dtype=torch.uint8)  # 10 low bytes, 10 high bytes
+    for where in (10, -1):  # one past the end; negative (would wrap around)
+        escapes = torch.tensor([1, where, 70000], dtype=torch.int32).view(torch.uint8)
+        payload = zstandard.ZstdCompressor().compress(torch.cat([steps, escapes]).numpy().tobytes())
+        with pytest.raises(ValueError, match="escape outside its 10 steps"):
+            _encoding.decode_delta(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0.5, ref)
+
+
+def test_a_model_of_many_tensors_reads_back_bit_for_bit_in_batches_and_one_by_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(_encoding, "BATCH_NUMEL", 2000)  # several batches per file and profile
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(*(torch.nn.Linear(9, 9) for _ in range(30)))
+    pema = emakit.PowerEMA(model, sigma_rels=(0.05, 0.1, 0.2))
+    for step in range(1, 61):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=1e-2)
+        pema.update()
+        if step % 10 == 0:
+            pema.save_snapshot(tmp_path / "compact", encoding="compact")
+            pema.save_snapshot(tmp_path / "fp32")
+    chain = pema._delta_chain
+    infos = posthoc.list_snapshots(tmp_path / "compact")
+    assert infos[-1].predictors and len({len(a) for a in infos[-1].predictors.values()}) > 1
+    for order in (True, False):  # read in order (decoded in batches), or a tensor at a time
+        snapshots.clear_decoded_cache()
+        for info in infos:
+            keys = [f"avg.{j}/{name}" for j in range(3) for name in info.averaged]
+            reader = snapshots.open_tensors(info, keys if order else None)
+            values = {key: reader.get(key) for key in keys}
+            reader.close()
+        for j in range(3):
+            for name, value in chain.decoded[j].items():
+                assert torch.equal(values[f"avg.{j}/{name}"], value)
+    compact = posthoc.reconstruct(tmp_path / "compact", sigma_rel=0.07, progress=False)
+    fp32 = posthoc.reconstruct(tmp_path / "fp32", sigma_rel=0.07, progress=False)
+    for name in fp32:
+        torch.testing.assert_close(compact[name], fp32[name], rtol=0, atol=2e-4)
+
+
 def _version_is_2_and_a_version_1_claim_is_refused(path, scratch):
     # A reader of version 1 would decode a predicted delta without its prediction: such files say version 2 (an
     # old reader refuses them by name), the others keep version 1.

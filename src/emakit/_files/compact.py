@@ -31,11 +31,13 @@ else zlib (level 6): the same bytes within 0.2% on these streams (their low byte
 zstd some 30x faster in both directions. Decoding tells them apart by their first bytes,
 so files of either kind (and those of 0.1, all zlib) decode anywhere zstandard is installed.
 Decoding inflates at most the bytes the tensor's shape allows (a payload that would inflate
-further is an error before anything larger is allocated: no decompression bomb).
+further is an error before anything larger is allocated: no decompression bomb). The streams
+are :mod:`emakit._files.streams`'s, the only emakit module this one imports.
 
 Decoding is deterministic on the CPU: :func:`encode_delta` returns exactly what
 :func:`decode_delta` computes from its bytes, which is what lets a writer keep the
-decoded values instead of reading its files back. Imports no other emakit module.
+decoded values instead of reading its files back. :func:`decode_deltas` decodes many
+tensors with one set of tensor operations, to the same bits.
 
 Example::
 
@@ -47,10 +49,7 @@ Example::
 
 from __future__ import annotations
 
-import ctypes
-import io
 import math
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,136 +60,24 @@ except ImportError:  # pragma: no cover - numpy comes with the safetensors / dev
 import torch
 from torch import Tensor
 
+from . import streams as _streams
+
 #: Largest magnitude of an int16 step; larger ones are stored as escapes.
 Q_MAX = 32767
 #: Steps per ``max|x - reference|`` of a delta (the step is at most this fine) ...
 LEVELS = 40000
 #: ... and per root-mean-square of ``x - reference`` (at least this fine, for heavy tails).
 RMS_LEVELS = 8000
-#: zlib level: 6 (zlib's default) is within 1% of 9 in size here at about a third of the time.
-ZLIB_LEVEL = 6
-#: zstd level: 1 beats zstd's default 3 on these streams, in bytes (0.754x against 0.771x of a predicted delta's
-#: packed steps) and speed (about 6x faster to compress, 2x to inflate: 3 searches matches that noise lacks).
-ZSTD_LEVEL = 1
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-def _zstd():
-    try:
-        import zstandard
-    except ImportError:
-        return None
-    return zstandard
-
-
-def _compress(raw) -> Tensor:
-    """``raw`` (bytes, or a contiguous uint8 array) compressed (zstd, else zlib), as a uint8 tensor."""
-    zstandard = _zstd()
-    if zstandard is not None:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=2 if len(raw) > 8 << 20 else 0).compress(raw)
-    else:
-        packed = zlib.compress(raw, ZLIB_LEVEL)
-    return torch.frombuffer(bytearray(packed), dtype=torch.uint8)
-
-
-def _inflate(payload: Tensor, limit: int):
-    """A reader of the uncompressed bytes of ``payload`` that stops at ``limit`` (``.read(n)``, ``.end()``)."""
-    data = payload.contiguous().numpy().tobytes()
-    return _Inflated(data, limit)
-
-
-class _Inflated:
-    """Bounded reading of a zstd or zlib stream: never more than ``limit`` bytes come out of it.
-
-    A zstd frame that states its size (emakit writes such frames) is inflated in one call once that size is
-    checked against the limit, twice as fast as streaming it; other frames, and zlib, are streamed.
-    """
-
-    def __init__(self, data: bytes, limit: int) -> None:
-        self._left, self._zlib, self._whole, self._at = limit, None, None, 0
-        if data[:4] != _ZSTD_MAGIC:
-            self._zlib, self._data = zlib.decompressobj(), data
-            return
-        zstandard = _zstd()
-        if zstandard is None:
-            raise ImportError("this compact snapshot is zstd-compressed: pip install zstandard (or 'emakit[fast]')")
-        try:
-            size = zstandard.frame_content_size(data)  # -1: not stated
-            if size > limit:
-                raise ValueError(f"the payload claims {size} bytes, more than the {limit} its shape allows")
-            if size >= 0:
-                self._whole = memoryview(zstandard.ZstdDecompressor().decompress(data))
-            else:
-                self._stream = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
-        except zstandard.ZstdError as e:
-            raise ValueError(f"the payload is not a valid compressed stream ({e})") from None
-
-    def read(self, n: int) -> bytes | memoryview:
-        """Exactly ``n`` bytes (a bytes-like object); ``ValueError`` if the stream ends first or ``n`` passes the limit."""
-        if n > self._left:
-            raise ValueError(f"the payload claims more than the {self._left + n} bytes its shape allows")
-        self._left -= n
-        out = self._pull(n)
-        if len(out) != n:
-            raise ValueError(f"decoded {len(out)} bytes, expected {n}")
-        return out
-
-    def read_into(self, out: Tensor) -> None:
-        """Fill the uint8 tensor ``out`` (inflated into it when zstd streams); errors as :meth:`read`."""
-        n = out.numel()
-        if self._whole is not None or self._zlib is not None or n == 0:
-            if n:
-                view = self.read(n)
-                memoryview(_buffer_of(out)).cast("B")[:] = view
-            return
-        if n > self._left:
-            raise ValueError(f"the payload claims more than the {self._left} bytes its shape allows")
-        self._left -= n
-        view, got = memoryview(_buffer_of(out)).cast("B"), 0
-        try:
-            while got < n and (step := self._stream.readinto(view[got:])):
-                got += step
-        except Exception as e:  # zstandard.ZstdError
-            raise ValueError(f"the payload is not a valid compressed stream ({e})") from None
-        if got != n:
-            raise ValueError(f"decoded {got} bytes, expected {n}")
-
-    def _pull(self, n: int) -> bytes | memoryview:
-        """Up to ``n`` more bytes (fewer at the end); the decompressors' errors as ``ValueError``."""
-        if n <= 0:
-            return b""  # (zlib reads max_length=0 as "no limit")
-        if self._whole is not None:
-            out, self._at = self._whole[self._at : self._at + n], min(self._at + n, len(self._whole))
-            return out
-        try:
-            if self._zlib is not None:
-                out = self._zlib.decompress(self._data, n)
-                self._data = self._zlib.unconsumed_tail
-                return out
-            chunks, got = [], 0
-            while got < n and (chunk := self._stream.read(n - got)):
-                chunks.append(chunk)
-                got += len(chunk)
-            return b"".join(chunks)
-        except Exception as e:  # zlib.error, zstandard.ZstdError
-            raise ValueError(f"the payload is not a valid compressed stream ({e})") from None
-
-    def end(self) -> None:
-        """``ValueError`` unless the stream holds nothing more (a payload inflating past its tensor's size)."""
-        if self._pull(1) or (self._zlib is not None and not self._zlib.eof):
-            raise ValueError("the payload inflates to more bytes than its tensor holds (corrupted, or a bomb)")
-
-
 def _shuffle_deflate(array: np.ndarray) -> Tensor:
     """Byte-shuffle ``array`` (its k-th bytes together) and compress it, as a uint8 tensor."""
     planes = np.ascontiguousarray(array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T)
-    return _compress(planes.tobytes())
+    return _streams.compress(planes.tobytes())
 
 
 def _inflate_unshuffle(payload: Tensor, dtype: np.dtype, numel: int) -> np.ndarray:
     """Inverse of :func:`_shuffle_deflate`; ``ValueError`` if the bytes are not ``numel`` values of ``dtype``."""
     itemsize = np.dtype(dtype).itemsize
-    stream = _inflate(payload, numel * itemsize)
+    stream = _streams.inflate(payload, numel * itemsize)
     raw = stream.read(numel * itemsize)
     stream.end()
     planes = np.frombuffer(raw, dtype=np.uint8).reshape(itemsize, numel)
@@ -209,16 +96,10 @@ def decode_keyframe(payload: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(values if values.flags.writeable else values.copy()).reshape(shape)
 
 
-def _apply(reference: Tensor, steps: Tensor, scale: float) -> Tensor:
+def _apply(reference: Tensor, steps: Tensor, scale: float | Tensor) -> Tensor:
     """``reference + steps * scale`` in fp32, ``steps`` (fp32, holding the integer steps) overwritten with it: the
-    one formula both writer and reader evaluate."""
-    return steps.mul_(torch.tensor(scale, dtype=torch.float32)).add_(reference)
-
-
-def _buffer_of(tensor: Tensor):
-    """The bytes of a contiguous CPU tensor in place, as a ctypes array (what readers fill)."""
-    flat = tensor.reshape(-1).view(torch.uint8)
-    return (ctypes.c_char * flat.numel()).from_address(flat.data_ptr())
+    one formula both writer and reader evaluate (``scale``: a number, or one per element of a batch)."""
+    return steps.mul_(scale if isinstance(scale, Tensor) else torch.tensor(scale, dtype=torch.float32)).add_(reference)
 
 
 def fit_prediction(x: Tensor, reference: Tensor, predictors: Sequence[Tensor]) -> tuple[float, ...]:
@@ -264,23 +145,49 @@ def _peak_rms(diff: Tensor) -> tuple[float, float]:
     return _peak(flat), math.sqrt(float(torch.dot(flat, flat)) / flat.numel())
 
 
-def _predict(reference: Tensor, predictors: Sequence, coefficients: Sequence[float]) -> Tensor:
-    """``reference + sum_k a_k * predictors[k]`` in fp32, a product and a sum at a time (no fused multiply-add:
-    the same bits on every CPU). A predictor is a tensor, or a pair ``(m, s)`` that stands for ``m - s``
-    (subtracted here, into the tensor the products use: no tensor per predictor)."""
-    if not coefficients:
-        return reference
+def _check_predictors(reference: Tensor, predictors: Sequence, coefficients: Sequence[float]) -> None:
     shapes = [t.shape for p in predictors for t in (p if isinstance(p, tuple) else (p,))]
     if len(predictors) != len(coefficients) or any(shape != reference.shape for shape in shapes):
         raise ValueError(f"{len(coefficients)} coefficients need as many predictors of shape {tuple(reference.shape)}")
-    term, base = torch.empty(reference.shape, dtype=torch.float32), None
-    for a, p in zip(coefficients, predictors):
-        if isinstance(p, tuple):
-            term = torch.sub(*p, out=term).mul_(torch.tensor(a, dtype=torch.float32))
+
+
+def _predict(reference: Tensor, predictors: Sequence, coefficients: Sequence[float]) -> Tensor:
+    """``reference + sum_k a_k * predictors[k]`` in fp32 (:func:`_base`), shaped like ``reference``."""
+    if not coefficients:
+        return reference
+    _check_predictors(reference, predictors, coefficients)
+    return _base([reference], [predictors], [coefficients], [reference.numel()]).view(reference.shape)
+
+
+def _base(references: list[Tensor], predictors: list, coefficients: list, sizes: list[int]) -> Tensor:
+    """``reference + sum_k a_k * predictors[k]`` of each tensor (each with as many coefficients), flat, one after
+    another; in fp32, a product and a sum at a time (no fused multiply-add: the same bits on every CPU, and for
+    each element whatever the batch). A predictor is a tensor, or a pair ``(m, s)`` that stands for ``m - s``
+    (subtracted here, into the tensor the products use: no tensor per predictor)."""
+    reference = _joined(references)
+    if not coefficients[0]:
+        return reference
+    term, base = torch.empty(reference.numel(), dtype=torch.float32), None
+    for k in range(len(coefficients[0])):
+        a, column = _per_element([c[k] for c in coefficients], sizes), [p[k] for p in predictors]
+        if all(isinstance(p, tuple) for p in column):
+            torch.sub(_joined([p[0] for p in column]), _joined([p[1] for p in column]), out=term).mul_(a)
         else:
-            term = torch.mul(p, torch.tensor(a, dtype=torch.float32), out=term)
+            torch.mul(_joined([p[0] - p[1] if isinstance(p, tuple) else p for p in column]), a, out=term)
         base = torch.add(reference, term) if base is None else base.add_(term)
     return base
+
+
+def _joined(tensors: list[Tensor]) -> Tensor:
+    """The tensors' elements one after another (the tensor itself, flat, when there is one)."""
+    return tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _per_element(values: list[float], sizes: list[int]) -> Tensor:
+    """``values[i]`` (as fp32) for each of the ``sizes[i]`` elements of tensor ``i`` (a 0-d tensor for one)."""
+    if len(values) == 1:
+        return torch.tensor(values[0], dtype=torch.float32)
+    return torch.repeat_interleave(torch.tensor(values, dtype=torch.float32), torch.tensor(sizes))
 
 
 def encode_delta(
@@ -339,29 +246,89 @@ def encode_delta(
 
 def compress_packed(packed: Tensor) -> Tensor:
     """The payload of a delta's packed steps (:func:`encode_delta`'s ``compress``)."""
-    return _compress(packed.numpy())
+    return _streams.compress(packed.numpy())
 
 
 def decode_delta(
-    payload: Tensor, scale: float, reference: Tensor, *, predictors: Sequence[Tensor] = (),
-    coefficients: Sequence[float] = (),
+    payload: Tensor, scale: float, reference: Tensor, *, predictors: Sequence = (), coefficients: Sequence[float] = (),
 ) -> Tensor:  # fmt: skip
     """The fp32 tensor that :func:`encode_delta` stored as ``payload`` and ``scale`` against ``reference`` (and the
-    same ``predictors`` and ``coefficients``)."""
-    base = _predict(reference, predictors, coefficients)
-    numel = reference.numel()
-    stream = _inflate(payload, 10 * numel + 4)  # at most: every step an escape
-    head = torch.empty(2 * numel + 4, dtype=torch.uint8)  # low bytes, high bytes, escape count
-    stream.read_into(head)
-    count = int.from_bytes(head[2 * numel :].numpy().tobytes(), "little", signed=True)
+    same ``predictors`` and ``coefficients``; a predictor may also be a pair ``(m, s)`` standing for ``m - s``)."""
+    return decode_deltas([payload], [scale], [reference], predictors=[predictors], coefficients=[coefficients])[0]
+
+
+class PayloadError(ValueError):
+    """A payload of :func:`decode_deltas` that cannot be decoded; ``index`` says which."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+#: Elements decoded together: each tensor op costs microseconds however small its tensor, so the small tensors
+#: of a file are decoded as one array, a few MiB at a time (cache-sized).
+BATCH_NUMEL = 1 << 20
+
+
+def decode_deltas(
+    payloads: Sequence[Tensor], scales: Sequence[float], references: Sequence[Tensor], *,
+    predictors: Sequence[Sequence] | None = None, coefficients: Sequence[Sequence[float]] | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """:func:`decode_delta` of each ``(payloads[i], scales[i], references[i], ...)``, many at once: tensors with as
+    many coefficients are decoded together, one set of tensor operations per :data:`BATCH_NUMEL` elements, to the
+    same bits (every element goes through the same operations). The values may share memory. A payload that
+    cannot be decoded raises :class:`PayloadError` (a ``ValueError``) naming its index."""
+    predictors = list(predictors) if predictors is not None else [()] * len(payloads)
+    coefficients = list(coefficients) if coefficients is not None else [()] * len(payloads)
+    for reference, p, c in zip(references, predictors, coefficients):
+        _check_predictors(reference, p, c)
+    runs: dict[int, list[list[int]]] = {}  # coefficient count -> batches of indices
+    filled: dict[int, int] = {}
+    for i, (reference, c) in enumerate(zip(references, coefficients)):
+        batches = runs.setdefault(len(c), [[]])
+        if batches[-1] and filled[len(c)] + reference.numel() > BATCH_NUMEL:
+            batches.append([])
+            filled[len(c)] = 0
+        batches[-1].append(i)
+        filled[len(c)] = filled.get(len(c), 0) + reference.numel()
+    out: list = [None] * len(payloads)
+    for batch in (b for batches in runs.values() for b in batches):
+        sizes = [references[i].numel() for i in batch]
+        low, high = torch.empty(sum(sizes), dtype=torch.uint8), torch.empty(sum(sizes), dtype=torch.uint8)
+        where, values, at, low_bytes, high_bytes = [], [], 0, low.numpy(), high.numpy()
+        for i, size in zip(batch, sizes):
+            try:
+                escapes = _inflate_steps(payloads[i], size, low_bytes[at : at + size], high_bytes[at : at + size])
+            except ValueError as e:
+                raise PayloadError(i, str(e)) from None
+            if len(escapes[0]):
+                where.append(escapes[0].astype(np.int64) + at)
+                values.append(escapes[1])
+            at += size
+        base = _base([references[i] for i in batch], [predictors[i] for i in batch], [coefficients[i] for i in batch],
+                     sizes)  # fmt: skip
+        # An int16 step is (signed high byte) * 256 + (low byte): summed in fp32 (exact), no byte transpose.
+        steps = high.view(torch.int8).to(torch.float32)
+        torch.add(low.to(torch.float32), steps, alpha=256, out=steps)
+        if where:
+            steps[torch.from_numpy(np.concatenate(where))] = torch.from_numpy(np.concatenate(values)).to(torch.float32)
+        _apply(base, steps, _per_element([scales[i] for i in batch], sizes))
+        for i, value in zip(batch, steps.split(sizes)):
+            out[i] = value.view(references[i].shape)
+    return out
+
+
+def _inflate_steps(payload: Tensor, numel: int, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A delta's ``numel`` step bytes into ``low`` and ``high`` (uint8 arrays); its escapes, ``(indices, values)``."""
+    stream = _streams.inflate(payload, 10 * numel + 4)  # at most: every step an escape
+    stream.read_into(low)
+    stream.read_into(high)
+    count = int.from_bytes(stream.read(4), "little", signed=True)
     if not 0 <= count <= numel:
         raise ValueError(f"the payload says {count} escapes among {numel} steps")
     escapes = np.frombuffer(stream.read(8 * count), np.int32)
     stream.end()
-    # An int16 step is (signed high byte) * 256 + (low byte): summed in fp32 (exact), no byte transpose.
-    steps = head[numel : 2 * numel].view(torch.int8).to(torch.float32)
-    torch.add(head[:numel].to(torch.float32), steps, alpha=256, out=steps)
-    if count:
-        where, values = torch.from_numpy(escapes[:count].copy()), torch.from_numpy(escapes[count:].copy())
-        steps[where.long()] = values.to(torch.float32)
-    return _apply(base.reshape(-1), steps, scale).reshape(reference.shape)
+    where = escapes[:count]
+    if count and not (where.min() >= 0 and where.max() < numel):
+        raise ValueError(f"the payload places an escape outside its {numel} steps")
+    return where, escapes[count:]

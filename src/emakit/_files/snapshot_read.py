@@ -12,19 +12,26 @@ codec), imported on first use. Writes nothing.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import stat
-import threading
 import zlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import checksums as _checksums
 from . import dcp as _dcp
 from . import limits as _limits
+from . import read_ahead as _read_ahead
 from . import shards as _shard_files
+from .decoded import cached as _cached
+from .decoded import clear_decoded_cache  # noqa: F401 (snapshots' and posthoc's)
+from .decoded import file_at as _file_at
+from .decoded import identity as _identity
+from .decoded import remember as _remember
 from .header import (
     _DCP_INFO,
     _DCP_PATTERN,
@@ -36,7 +43,6 @@ from .header import (
     _parse_info,
     checksum,
     dtype_name,
-    file_name,
     parse_dtype,
     reads_previous,
 )
@@ -179,9 +185,13 @@ def _index(path: Path) -> dict:
 class _SafetensorsReader:
     """Reads tensors of a single-file snapshot, checking each against its header checksum."""
 
-    def __init__(self, info: SnapshotInfo) -> None:
+    def __init__(self, info: SnapshotInfo, order: list[str] | None = None) -> None:
         _, safe_open = _safetensors()
-        self._info = info
+        self._info, self._order, self._position = info, list(order or ()), None
+        self._together: set[str] = set()  # keys decoded in a batch already (or being decoded)
+        self._known: dict = {}  # the files its deltas read, found once (:func:`_file_at`)
+        self._layouts: dict = {}  # where each tensor lies (:meth:`raw_many`), and a descriptor to read it
+        self._fd: int | None = None
         self._file = safe_open(str(info.path), framework="pt")
         self._handle = self._file.__enter__()
 
@@ -199,58 +209,71 @@ class _SafetensorsReader:
             self._check(key, checksum(value, self._info.checksum_algorithm))
         return value
 
+    def raw_many(self, keys: list[str]) -> list:
+        """The stored bytes of ``keys`` (``raw``'s, as memoryviews), checked against their checksums: one read of
+        the span they lie in where they lie close together (a tensor read through safetensors costs some 15 us)."""
+        try:
+            table = _read_ahead.layout(self._info, self._layouts)
+            entries = [table[key][2:] for key in keys]  # (file offset, bytes)
+        except (SnapshotError, KeyError):
+            return [self.raw(key) for key in keys]  # (raw names the problem)
+        start, end = min(e[0] for e in entries), max(e[0] + e[1] for e in entries)
+        if end - start > 2 * sum(e[1] for e in entries) + (1 << 20):
+            return [self.raw(key) for key in keys]
+        if self._fd is None:
+            self._fd = os.open(self._info.path, os.O_RDONLY)
+        data = memoryview(os.pread(self._fd, end - start, start))
+        if len(data) != end - start:
+            raise SnapshotError(f"{self._info.path}: could not read the snapshot data (truncated?)")
+        out, algorithm = [], self._info.checksum_algorithm
+        for key, (offset, nbytes) in zip(keys, entries):
+            out.append(data[offset - start : offset - start + nbytes])
+            if self._info.checksums is not None:
+                self._check(key, f"{_checksums.extend(0, out[-1], algorithm):08x}")
+        return out
+
     def get(self, key: str) -> Tensor:
         if self._info.encoding == "compact" and key.startswith("avg."):
-            return _decode(self._info, key, self).clone()  # the cache keeps its own copy
+            if self._order and self._info.reference is not None and key not in self._together:
+                keys = self._upcoming(key)
+                self._together.update(keys)
+                _decode_together(self._info, keys, self)
+            return _decode(self._info, key, self, self._known).clone()  # the cache keeps its own copy
         return self.raw(key)
+
+    def _upcoming(self, key: str) -> list[str]:
+        """``key`` and the averages of its profile asked for after it, up to a batch of elements in all."""
+        if self._position is None:
+            self._position = {k: i for i, k in enumerate(self._order)}
+        start, profile, shapes = self._position.get(key), key.split("/", 1)[0] + "/", self._info.shapes
+        keys, total, limit = [], 0, _encoding().BATCH_NUMEL
+        after = range(start + 1, len(self._order)) if start is not None else ()
+        for other in itertools.chain([key], (self._order[i] for i in after)):
+            shape = shapes.get(other.split("/", 1)[1]) if other.startswith(profile) else None
+            if total >= limit or (shape is None and other.startswith("avg.")):
+                break  # (another profile's deltas may be predicted from this one's: decoded after it)
+            if shape is not None:
+                keys.append(other)
+                total += math.prod(shape)
+        return keys
 
     def close(self) -> None:
         self._file.__exit__(None, None, None)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
-#: The last two decoded values of each compact average: ``key -> [(file identity, fp32 tensor), ...]``, newest first,
-#: of one directory (a predicted delta needs its reference and the reference's reference).
-_DECODED: dict[str, list[tuple[tuple, Tensor]]] = {}
-_DECODED_DIRECTORY: list[Path] = []  # the directory those values come from
-_DECODED_LOCK = threading.Lock()
-
-
-def clear_decoded_cache() -> None:
-    """Free the decoded averages kept while reading compact snapshots (at most two snapshots' worth)."""
-    _DECODED.clear()
-    _DECODED_DIRECTORY.clear()
-
-
-def _identity(path: Path) -> tuple:
-    """Which file, as it is now: the same file by any path name, changed when rewritten (no ``resolve``: slow)."""
-    status = os.stat(path)
-    return (status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size, status.st_mode)
-
-
-def _cached(key: str, identity: tuple) -> Tensor | None:
-    return next((value for known, value in _DECODED.get(key, ()) if known == identity), None)
-
-
-def _remember(info: SnapshotInfo, key: str, identity: tuple, value: Tensor) -> None:
-    directory = Path(os.path.abspath(info.path.parent))
-    with _DECODED_LOCK:  # keys are decoded on several threads at once (each key by one)
-        if _DECODED_DIRECTORY != [directory]:
-            clear_decoded_cache()  # another directory: keep one directory's worth
-            _DECODED_DIRECTORY.append(directory)
-        older = [entry for entry in _DECODED.get(key, ()) if entry[0] != identity]
-        _DECODED[key] = [(identity, value), *older[:1]]
-
-
-def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
+def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader, known: dict | None = None) -> Tensor:
     """Compact average ``key`` of ``info`` in fp32, decoding its references back to the keyframe as needed."""
-    me = _identity(info.path)
+    me = (_file_at(info, info.t, known)[1] if known is not None else None) or _identity(info.path)
     cached = _cached(key, me)
     if cached is not None:
         return cached
     payload = reader.raw(key)
-    reference = None if info.reference is None else _earlier(info, info.reference, key)
+    reference = None if info.reference is None else _earlier(info, info.reference, key, known)
     coefficients = (info.predictors or {}).get(key, ()) if reference is not None else ()
-    columns = _predictors(info, key, reference, coefficients, reader) if coefficients else ()
+    columns = _predictors(info, key, reference, coefficients, reader, known) if coefficients else ()
     try:
         if reference is None:
             value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]])
@@ -260,31 +283,54 @@ def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader) -> Tensor:
             )
     except (ValueError, zlib.error) as e:
         raise SnapshotError(f"{info.path}: compact tensor {key!r} cannot be decoded (corrupted?): {e}") from None
-    _remember(info, key, me, value)
+    _remember(info, [(key, value)], me)
     return value
 
 
-def _predictors(info: SnapshotInfo, key: str, reference: Tensor, coefficients, reader: _SafetensorsReader) -> list:
+def _decode_together(info: SnapshotInfo, keys: list[str], reader: _SafetensorsReader) -> None:
+    """Decode the deltas ``keys`` of ``info`` (one profile) that are not cached yet with one set of tensor operations
+    (:func:`~emakit._files.compact.decode_deltas`: the same bits as one at a time), and cache them."""
+    known = reader._known
+    me = _file_at(info, info.t, known)[1] or _identity(info.path)  # (gone since opened: the stat raises)
+    keys = [key for key in keys if _cached(key, me) is None]
+    if len(keys) < 2:
+        return
+    codec, references, columns, coefficients = _encoding(), [], [], []
+    payloads = reader.raw_many(keys)
+    for key in keys:
+        references.append(_earlier(info, info.reference, key, known))
+        coefficients.append((info.predictors or {}).get(key, ()))
+        columns.append(_predictors(info, key, references[-1], coefficients[-1], reader, known))
+    try:
+        values = codec.decode_deltas(
+            payloads, [info.scales[k] for k in keys], references, predictors=columns, coefficients=coefficients
+        )
+    except codec.PayloadError as e:
+        raise SnapshotError(f"{info.path}: compact tensor {keys[e.index]!r} cannot be decoded (corrupted?): {e}") from None
+    _remember(info, list(zip(keys, values)), me)
+
+
+def _predictors(
+    info: SnapshotInfo, key: str, reference: Tensor, coefficients, reader: _SafetensorsReader, known: dict | None
+) -> list:
     """What a delta of profile ``j`` is predicted from (as the writer's ``DeltaChain``): the increments since the
     reference of the profiles before ``j``, then (:func:`reads_previous`) its own increment the time before."""
+    if not coefficients:
+        return []
     j, name = int(key.split("/", 1)[0][4:]), key.split("/", 1)[1]
     columns = []
     for k in range(j):
         lower = f"avg.{k}/{name}"
-        columns.append((_decode(info, lower, reader), _earlier(info, info.reference, lower)))
+        columns.append((_decode(info, lower, reader, known), _earlier(info, info.reference, lower, known)))
     if reads_previous(key, coefficients):
-        columns.append((reference, _earlier(info, info.previous, key)))
+        columns.append((reference, _earlier(info, info.previous, key, known)))
     return columns  # pairs (m, s) standing for m - s, subtracted as the decoder needs them
 
 
-def _earlier(info: SnapshotInfo, t: float, key: str) -> Tensor:
+def _earlier(info: SnapshotInfo, t: float, key: str, known: dict | None = None) -> Tensor:
     """The decoded value of ``key`` in the earlier snapshot at ``t`` that ``info``'s delta needs (its reference, or
     the reference's reference): from the cache, or decoded."""
-    path = info.path.parent / file_name(t)
-    try:
-        identity = _identity(path)  # one stat: it also says whether the file is there
-    except OSError:
-        identity = None
+    path, identity = _file_at(info, t, known)
     if identity is None or not stat.S_ISREG(identity[4]):
         role = "reference" if t == info.reference else "reference's reference (its prediction reads it)"
         raise SnapshotError(
@@ -383,4 +429,4 @@ def open_tensors(info: SnapshotInfo, order: list[str] | None = None, *, trust: b
         return _DcpReader(info, list(order or []))
     if info.sharded:
         return _ShardsReader(info)
-    return _SafetensorsReader(info)
+    return _SafetensorsReader(info, order)
