@@ -180,7 +180,9 @@ def _base(references: list[Tensor], predictors: list, coefficients: list, sizes:
 
 def _joined(tensors: list[Tensor]) -> Tensor:
     """The tensors' elements one after another (the tensor itself, flat, when there is one)."""
-    return tensors[0].reshape(-1) if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1)
+    return torch.cat(tensors if all(t.dim() == 1 for t in tensors) else [t.reshape(-1) for t in tensors])
 
 
 def _per_element(values: list[float], sizes: list[int]) -> Tensor:
@@ -314,7 +316,7 @@ def decode_deltas(
             steps[torch.from_numpy(np.concatenate(where))] = torch.from_numpy(np.concatenate(values)).to(torch.float32)
         _apply(base, steps, _per_element([scales[i] for i in batch], sizes))
         for i, value in zip(batch, steps.split(sizes)):
-            out[i] = value.view(references[i].shape)
+            out[i] = value if references[i].dim() == 1 else value.view(references[i].shape)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The decoded values of compact averages kept while reading: a delta is decoded against the value of the same
+"""The decoded values of compact averages (flat, fp32) kept while reading: a delta is decoded against the value of the same
 tensor in an earlier snapshot, so reading a directory in time order decodes each tensor once.
 
 Keys are ``avg.<j>/<name>``; a value is kept with the identity of its file (device, inode, change time, size:
@@ -52,7 +52,10 @@ def file_at(info: SnapshotInfo, t: float, known: dict | None) -> tuple[Path, tup
 
 def cached(key: str, file_id: tuple) -> Tensor | None:
     """The value of ``key`` decoded from the file of identity ``file_id``, if kept."""
-    return next((value for known, value in _DECODED.get(key, ()) if known == file_id), None)
+    for known, value in _DECODED.get(key, ()):  # (a loop: called several times per tensor read)
+        if known == file_id:
+            return value
+    return None
 
 
 def remember(info: SnapshotInfo, values: list[tuple[str, Tensor]], file_id: tuple) -> None:

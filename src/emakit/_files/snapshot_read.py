@@ -238,7 +238,8 @@ class _SafetensorsReader:
                 keys = self._upcoming(key)
                 self._together.update(keys)
                 _decode_together(self._info, keys, self)
-            return _decode(self._info, key, self, self._known).clone()  # the cache keeps its own copy
+            value = _decode(self._info, key, self, self._known)  # flat: the cache keeps its own copy
+            return value.clone().view(self._info.shapes[key.split("/", 1)[1]])
         return self.raw(key)
 
     def _upcoming(self, key: str) -> list[str]:
@@ -276,7 +277,7 @@ def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader, known: dic
     columns = _predictors(info, key, reference, coefficients, reader, known) if coefficients else ()
     try:
         if reference is None:
-            value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]])
+            value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]]).view(-1)
         else:
             value = _encoding().decode_delta(
                 payload, info.scales[key], reference, predictors=columns, coefficients=coefficients

@@ -60,15 +60,12 @@ def _weighted_sums(
         sums, finite = total.result(), total.finite
     else:  # tensor by tensor; a sharded snapshot's reader may give this rank's part (another shape)
         sums = [{} for _ in solutions]
+        terms = _Terms(solutions, sums, acc_dtype)
         for i, key, value in _values(used, plan, reader_for):
-            x = value.to(acc_dtype)
             for j, name in plan[(i, key)]:
-                for sol, acc in zip(solutions, sums):
-                    if name in acc:
-                        acc[name].add_(x, alpha=sol.weights[i][j])
-                    else:
-                        acc[name] = x * sol.weights[i][j]
+                terms.add(i, j, name, value)
                 bar.update(1)
+        terms.flush()
         finite = all(_finite(v) for v in sums[0].values())
     if not finite:
         _name_nonfinite(used, names, reader_for)
@@ -204,6 +201,44 @@ class _Sums:
     def result(self) -> list[dict[str, Tensor]]:
         """Each solution's sums by name, each in memory of its own."""
         return [{name: self.parts[name][s] for name in self.used[-1].averaged} for s in range(len(self.solutions))]
+
+
+class _Terms:
+    """Terms of the weighted sums, added a run at a time: tensors read one after another with the same weights (one
+    file, one profile) take one fused add per solution (``torch._foreach_add_``, a tensor at a time inside: the
+    same bits) instead of an op per tensor and solution, which a model of thousands of small tensors notices."""
+
+    def __init__(self, solutions: Sequence, sums: list[dict[str, Tensor]], acc_dtype: torch.dtype) -> None:
+        self.solutions, self.sums, self.acc_dtype = solutions, sums, acc_dtype
+        self.weights: tuple[int, int] | None = None  # (snapshot, profile) of the run
+        self.names: list[str] = []
+        self.values: list[Tensor] = []
+        self.nbytes = 0
+
+    def add(self, i: int, j: int, name: str, value: Tensor) -> None:
+        if (i, j) != self.weights or self.nbytes > _RUN_BYTES:
+            self.flush()
+            self.weights = (i, j)
+        self.names.append(name)
+        self.values.append(value)
+        self.nbytes += value.nbytes
+
+    def flush(self) -> None:
+        if not self.values:
+            return
+        i, j = self.weights
+        for sol, acc in zip(self.solutions, self.sums):
+            w, added = sol.weights[i][j], [(acc[n], v) for n, v in zip(self.names, self.values) if n in acc]
+            if added:  # in place; values of another dtype are promoted to the sums' (fp32 at least)
+                torch._foreach_add_([a for a, _ in added], [v for _, v in added], alpha=w)
+            for name, value in zip(self.names, self.values):
+                if name not in acc:  # the first term of this sum: written, no zeros to add to
+                    acc[name] = value.to(self.acc_dtype) * w
+        self.names, self.values, self.nbytes = [], [], 0
+
+
+#: Bytes of read tensors a run of :class:`_Terms` holds before it adds them.
+_RUN_BYTES = 64 << 20
 
 
 def _values(used: Sequence[SnapshotInfo], plan: dict, reader_for):
