@@ -27,6 +27,9 @@ errors are of three kinds, all relative to ``||reference - final weights||``:
   compact errors compare directly. It stands in for "the smallest fp32 error at an
   untracked length" in the tracked-length target.
 
+``many_tensors`` (the last compact row of ``run_all.py``) times reconstruction from fp32 and
+compact snapshots of a model of 1000 small tensors, where each tensor's own costs show.
+
 It also prunes a copy of the fp32 snapshots (``planning.prune``, 0.03:0.2, fit error 1e-3)
 and measures the pruned reconstruction against the unpruned one.
 
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -113,6 +117,31 @@ def run(params: int, steps: int, snapshots: int, root: Path, seed: int = 0) -> l
             }
         )
     return rows
+
+
+def many_tensors(root: Path, tensors: int = 1000, numel: int = 100, count: int = 5, reps: int = 3) -> dict:
+    """Median seconds to reconstruct every length from fp32 and from compact snapshots of a model of many small
+    tensors (``count`` snapshots of ``tensors`` x ``numel``): what each tensor costs, which the walk's one large
+    tensor does not show."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.p = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(numel)) for _ in range(tensors))
+    params, pema = list(model.parameters()), emakit.PowerEMA(model, sigma_rels=TRACKED)
+    for step in range(1, 10 * count + 1):
+        with torch.no_grad():
+            torch._foreach_add_(params, [torch.randn_like(p) for p in params], alpha=1e-2)
+        pema.update()
+        if step % 10 == 0:
+            for name in ("fp32", "compact"):
+                pema.save_snapshot(root / name, **FORMATS[name])
+    times: dict[str, list[float]] = {"fp32": [], "compact": []}
+    for _ in range(reps):  # round-robin: machine noise hits both alike
+        for name in times:
+            snapshots.clear_decoded_cache()  # each time from the keyframe, as a fresh process
+            start = time.perf_counter()
+            posthoc.reconstruct(root / name, sigma_rel=list(TRACKED + UNTRACKED), progress=False)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def table(rows: list[dict], numel: int) -> str:

@@ -101,6 +101,7 @@ def storage_ratios(quick: bool) -> list[tuple]:
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fp32, _, compact = bench_storage.run(params, steps, 40, Path(tmp))
+        many = bench_storage.many_tensors(Path(tmp) / "many")
     bound = fp32["untracked_min"]
     return [
         ("compact: bytes / fp32 bytes (random walk)", compact["bytes"] / fp32["bytes"], "<= 0.48"),
@@ -108,6 +109,7 @@ def storage_ratios(quick: bool) -> list[tuple]:
         ("compact: error at tracked lengths / smallest fp32 error", max(compact["tracked"], bound) / bound, "<= 1.2"),
         ("compact: encode speed / fp32 write speed", fp32["write_s"] / compact["write_s"], ">= 0.5"),
         ("compact: decode speed / fp32 read speed", fp32["read_s"] / compact["read_s"], ">= 0.7"),
+        ("compact: decode speed / fp32 read speed, 1000 small tensors", many["fp32"] / many["compact"], ">= 0.7"),
     ]
 
 
