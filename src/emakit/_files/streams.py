@@ -26,6 +26,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def zstd():
+    """The ``zstandard`` module, or ``None`` where it is not installed (zlib then)."""
     try:
         import zstandard
     except ImportError:
@@ -39,6 +40,7 @@ _CODECS = threading.local()
 
 
 def _zstd_codec(zstandard, compress: bool):
+    """This thread's zstd compressor (``compress``) or decompressor (reusable, not shareable across threads)."""
     codec = _CODECS.__dict__.get(compress)
     if codec is None:
         codec = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else zstandard.ZstdDecompressor()
