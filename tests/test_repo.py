@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,18 @@ def test_benchmark_runs_at_tiny_scale(script, expect):
     )
     assert out.returncode == 0, out.stderr
     assert all(e in out.stdout for e in expect), out.stdout
+
+
+def test_storage_benchmark_times_a_model_of_many_tensors(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_storage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny run fits some lengths poorly
+        times = bench_storage.many_tensors(tmp_path, tensors=6, numel=10, count=2, reps=1)
+    assert set(times) == {"fp32", "compact"} and all(t > 0 for t in times.values())
+    assert len(list((tmp_path / "compact").glob("*.safetensors"))) == 2
 
 
 def test_storage_benchmark_measures_a_finished_run(tmp_path):
