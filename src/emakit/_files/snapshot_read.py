@@ -41,7 +41,6 @@ from .header import (
     SnapshotError,
     SnapshotInfo,
     _parse_info,
-    checksum,
     dtype_name,
     parse_dtype,
     reads_previous,
@@ -190,46 +189,38 @@ class _SafetensorsReader:
         self._info, self._order, self._position = info, list(order or ()), None
         self._together: set[str] = set()  # keys decoded in a batch already (or being decoded)
         self._known: dict = {}  # the files its deltas read, found once (:func:`_file_at`)
-        self._layouts: dict = {}  # where each tensor lies (:meth:`raw_many`), and a descriptor to read it
-        self._fd: int | None = None
+        self._layouts: dict = {}  # where each tensor lies (:meth:`raw_many`)
         self._file = safe_open(str(info.path), framework="pt")
         self._handle = self._file.__enter__()
 
-    def _check(self, key: str, digest: str) -> None:
-        if digest != (self._info.checksums or {}).get(key, digest):
-            raise SnapshotError(
-                f"{self._info.path}: tensor {key!r} does not match its checksum: the file is corrupted "
-                f"(a flipped bit, or data swapped between tensors)"
-            )
+    def _check(self, key: str, data) -> None:
+        """``data`` (a tensor or bytes) against ``key``'s checksum in the header, if it has one."""
+        if self._info.checksums is not None:
+            data = _checksums.buffer_of(data.contiguous()) if isinstance(data, Tensor) else data
+            _read_ahead._check(self._info, key, _checksums.extend(0, data, self._info.checksum_algorithm))
 
     def raw(self, key: str) -> Tensor:
         """The stored tensor (compact averages: their encoded bytes), checked against its checksum."""
         value = self._handle.get_tensor(key)
-        if self._info.checksums is not None:
-            self._check(key, checksum(value, self._info.checksum_algorithm))
+        self._check(key, value)
         return value
 
     def raw_many(self, keys: list[str]) -> list:
-        """The stored bytes of ``keys`` (``raw``'s, as memoryviews), checked against their checksums: one read of
-        the span they lie in where they lie close together (a tensor read through safetensors costs some 15 us)."""
+        """What :meth:`raw` gives for each of ``keys`` (as memoryviews of the bytes), in one read of the span they
+        lie in where they lie close together (a tensor read through safetensors costs some 15 us)."""
         try:
-            table = _read_ahead.layout(self._info, self._layouts)
+            table = _read_ahead.layout(self._info, self._layouts) if len(keys) > 1 else {}
             entries = [table[key][2:] for key in keys]  # (file offset, bytes)
         except (SnapshotError, KeyError):
             return [self.raw(key) for key in keys]  # (raw names the problem)
         start, end = min(e[0] for e in entries), max(e[0] + e[1] for e in entries)
         if end - start > 2 * sum(e[1] for e in entries) + (1 << 20):
             return [self.raw(key) for key in keys]
-        if self._fd is None:
-            self._fd = os.open(self._info.path, os.O_RDONLY)
-        data = memoryview(os.pread(self._fd, end - start, start))
-        if len(data) != end - start:
-            raise SnapshotError(f"{self._info.path}: could not read the snapshot data (truncated?)")
-        out, algorithm = [], self._info.checksum_algorithm
-        for key, (offset, nbytes) in zip(keys, entries):
-            out.append(data[offset - start : offset - start + nbytes])
-            if self._info.checksums is not None:
-                self._check(key, f"{_checksums.extend(0, out[-1], algorithm):08x}")
+        data = memoryview(bytearray(end - start))
+        _read_ahead._pread(self._info, {}, data, start)  # (a short file: a SnapshotError naming it)
+        out = [data[offset - start : offset - start + nbytes] for offset, nbytes in entries]
+        for key, payload in zip(keys, out):
+            self._check(key, payload)
         return out
 
     def get(self, key: str) -> Tensor:
@@ -237,7 +228,7 @@ class _SafetensorsReader:
             if self._order and self._info.reference is not None and key not in self._together:
                 keys = self._upcoming(key)
                 self._together.update(keys)
-                _decode_together(self._info, keys, self)
+                _decode_together(self._info, keys, self, self._known)
             value = _decode(self._info, key, self, self._known)  # flat: the cache keeps its own copy
             return value.clone().view(self._info.shapes[key.split("/", 1)[1]])
         return self.raw(key)
@@ -260,55 +251,49 @@ class _SafetensorsReader:
 
     def close(self) -> None:
         self._file.__exit__(None, None, None)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def _decode(info: SnapshotInfo, key: str, reader: _SafetensorsReader, known: dict | None = None) -> Tensor:
-    """Compact average ``key`` of ``info`` in fp32, decoding its references back to the keyframe as needed."""
-    me = (_file_at(info, info.t, known)[1] if known is not None else None) or _identity(info.path)
+    """Compact average ``key`` of ``info`` in fp32 (flat), decoding its references back to the keyframe as needed."""
+    if info.reference is not None:
+        return _decode_together(info, [key], reader, known)[0]
+    me = _file_at(info, info.t, known)[1] or _identity(info.path)  # (gone since opened: the stat raises)
     cached = _cached(key, me)
     if cached is not None:
         return cached
     payload = reader.raw(key)
-    reference = None if info.reference is None else _earlier(info, info.reference, key, known)
-    coefficients = (info.predictors or {}).get(key, ()) if reference is not None else ()
-    columns = _predictors(info, key, reference, coefficients, reader, known) if coefficients else ()
     try:
-        if reference is None:
-            value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]]).view(-1)
-        else:
-            value = _encoding().decode_delta(
-                payload, info.scales[key], reference, predictors=columns, coefficients=coefficients
-            )
+        value = _encoding().decode_keyframe(payload, info.shapes[key.split("/", 1)[1]]).view(-1)
     except (ValueError, zlib.error) as e:
         raise SnapshotError(f"{info.path}: compact tensor {key!r} cannot be decoded (corrupted?): {e}") from None
     _remember(info, [(key, value)], me)
     return value
 
 
-def _decode_together(info: SnapshotInfo, keys: list[str], reader: _SafetensorsReader) -> None:
-    """Decode the deltas ``keys`` of ``info`` (one profile) that are not cached yet with one set of tensor operations
-    (:func:`~emakit._files.compact.decode_deltas`: the same bits as one at a time), and cache them."""
-    known = reader._known
+def _decode_together(info: SnapshotInfo, keys: list[str], reader: _SafetensorsReader, known: dict | None) -> list:
+    """The values (fp32, flat) of the deltas ``keys`` of ``info`` (one profile): those not cached yet are decoded with
+    one set of tensor operations (:func:`~emakit._files.compact.decode_deltas`: the same bits as one at a time),
+    and cached."""
     me = _file_at(info, info.t, known)[1] or _identity(info.path)  # (gone since opened: the stat raises)
-    keys = [key for key in keys if _cached(key, me) is None]
-    if len(keys) < 2:
-        return
+    values = [_cached(key, me) for key in keys]
+    todo = [key for key, value in zip(keys, values) if value is None]
+    if not todo:
+        return values
     codec, references, columns, coefficients = _encoding(), [], [], []
-    payloads = reader.raw_many(keys)
-    for key in keys:
+    payloads = reader.raw_many(todo)
+    for key in todo:
         references.append(_earlier(info, info.reference, key, known))
         coefficients.append((info.predictors or {}).get(key, ()))
         columns.append(_predictors(info, key, references[-1], coefficients[-1], reader, known))
     try:
-        values = codec.decode_deltas(
-            payloads, [info.scales[k] for k in keys], references, predictors=columns, coefficients=coefficients
+        decoded = codec.decode_deltas(
+            payloads, [info.scales[k] for k in todo], references, predictors=columns, coefficients=coefficients
         )
     except codec.PayloadError as e:
-        raise SnapshotError(f"{info.path}: compact tensor {keys[e.index]!r} cannot be decoded (corrupted?): {e}") from None
-    _remember(info, list(zip(keys, values)), me)
+        raise SnapshotError(f"{info.path}: compact tensor {todo[e.index]!r} cannot be decoded (corrupted?): {e}") from None
+    _remember(info, list(zip(todo, decoded)), me)
+    fresh = iter(decoded)
+    return [value if value is not None else next(fresh) for value in values]
 
 
 def _predictors(
