@@ -124,6 +124,36 @@ def test_checksums_are_verified_on_the_encoded_bytes(tmp_path):
     reader.close()
 
 
+def test_a_flipped_byte_or_a_cut_in_a_delta_read_in_batches_is_named(tmp_path):
+    # Deltas read in order are read a span at a time (one pread) and decoded together: each payload is still
+    # checked against its own checksum, and a short file is still a SnapshotError naming it.
+    from emakit._files import read_ahead
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(6)))
+    pema = emakit.PowerEMA(model)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-2)
+        pema.update()
+        last = pema.save_snapshot(tmp_path, encoding="compact")
+    info = snapshots.read_info(last)
+    assert info.reference is not None
+    key = "avg.1/3.weight"
+    _, _, offset, nbytes = read_ahead.layout(info, {})[key]
+    whole = last.read_bytes()
+    data = bytearray(whole)
+    data[offset + nbytes // 2] ^= 0x10
+    last.write_bytes(bytes(data))
+    snapshots.clear_decoded_cache()
+    with pytest.raises(snapshots.SnapshotError, match=r"tensor 'avg\.1/3\.weight' does not match its checksum"):
+        posthoc.reconstruct(tmp_path, sigma_rel=0.1, progress=False)
+    last.write_bytes(whole[: offset + nbytes // 2])  # cut inside that payload
+    snapshots.clear_decoded_cache()
+    with pytest.raises(snapshots.SnapshotError, match=last.name):
+        posthoc.reconstruct(tmp_path, sigma_rel=0.1, progress=False)
+
+
 def test_reconstruction_error_within_target(tmp_path):
     _, exact, final = _walk(tmp_path)
     errors = {}
