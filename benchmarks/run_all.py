@@ -117,6 +117,14 @@ def storage_ratios(quick: bool) -> list[tuple]:
     ]
 
 
+def collector_ratios() -> list[tuple]:
+    import bench_collector
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ratio = bench_collector.reconstruct_ratio(Path(tmp))
+    return [("reconstruct, 2000 small fp32 tensors: garbage collector running / paused", ratio, ">= 1.2")]
+
+
 def module_view_ratios(quick: bool, reps: int) -> list[tuple]:
     import bench_module_view
 
@@ -150,7 +158,7 @@ def _ok(value: float | None, goal: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller models and fewer repetitions (~2-3 min)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["update", "power", "storage", "view", "distributed"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["update", "power", "storage", "collector", "view", "distributed"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     scale, reps = (0.1, 5) if args.quick else (1.0, 11)
@@ -158,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "update": lambda: update_ratios(scale, max(reps, 15)),  # milliseconds each: more repetitions cost little
         "power": lambda: power_ratios(scale, reps),
         "storage": lambda: storage_ratios(args.quick),
+        "collector": collector_ratios,
         "view": lambda: module_view_ratios(args.quick, reps),
         "distributed": lambda: distributed_ratios(args.quick, reps),
     }

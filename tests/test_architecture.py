@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "_files.atomic": 0,
     "_files.limits": 0,
     "_files.streams": 0,
+    "_files.collector": 0,
     "_files.compact": 1,
     "_files.checksums": 0,
     "_posthoc.profiles": 0,
@@ -152,7 +153,7 @@ def import_graph() -> dict[str, set[str]]:
         package = module.split(".")[:-1]
         for node in ast.walk(ast.parse(path.read_text())):
             targets: list[str] = []
-            names = [a.name for a in getattr(node, "names", [])]
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
             if isinstance(node, ast.ImportFrom) and node.level > 0:
                 parts = package[: len(package) - (node.level - 1)]
                 base = ".".join([*parts, *((node.module or "").split(".") if node.module else [])])

@@ -79,6 +79,19 @@ def test_storage_benchmark_times_a_model_of_many_tensors(tmp_path, monkeypatch):
     assert len(list((tmp_path / "compact").glob("*.safetensors"))) == 2
 
 
+def test_collector_benchmark_runs_every_call_at_tiny_scale(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("safetensors")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_collector
+    from emakit._files import collector
+
+    assert bench_collector.main(["--tensors", "4", "--numel", "8", "--snapshots", "2", "--reps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert len(rows) == 8 and all(float(row.split("|")[-2]) > 0 for row in rows), rows
+    assert bench_collector.reconstruct_ratio(tmp_path, tensors=4, numel=8, snapshots=2, reps=1) > 0
+    assert collector.ENABLED  # turned back on
+
+
 def test_storage_benchmark_measures_a_finished_run(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("safetensors")

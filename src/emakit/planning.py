@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import schedules
+from ._files import collector as _collector
 from ._planning.fit import _log_grid, _one_thread, _solve, _worst
 from ._planning.layout import Layout, LayoutSearch, _candidates, _times  # noqa: F401 (_times: read by tests)
 from ._planning.pruning import _finish, _greedy, _keyframe_bytes, _prune_candidates, _to_rekey, resume, write_journal
@@ -218,6 +219,7 @@ def _report(directory: Path, infos: Sequence, gone: set[int], before: float, aft
     )
 
 
+@_collector.paused()
 def prune(
     directory: str | os.PathLike,
     sigma_rel: tuple[float, float],

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import schedules
+from ._files import collector as _collector
 from ._posthoc.average import Averaged, average_checkpoints, save_average
 from ._posthoc.profiles import exponential_inner, power_inner
 from ._posthoc.raw_files import CheckpointSourceError
@@ -48,25 +49,11 @@ from .snapshots import (
 )
 
 __all__ = [
-    "FIT_ERROR_WARN",
-    "Solution",
-    "SnapshotError",
-    "SnapshotInfo",
-    "power_inner",
-    "exponential_inner",
-    "list_snapshots",
-    "solve_coefficients",
-    "reconstruct",
-    "reliable_range",
-    "sweep",
-    "SweepResult",
-    "DEFAULT_SWEEP",
-    "average_checkpoints",
-    "save_average",
-    "Averaged",
-    "sweep_checkpoints",
+    "FIT_ERROR_WARN", "Solution", "SnapshotError", "SnapshotInfo", "power_inner", "exponential_inner",
+    "list_snapshots", "solve_coefficients", "reconstruct", "reliable_range", "sweep", "SweepResult",
+    "DEFAULT_SWEEP", "average_checkpoints", "save_average", "Averaged", "sweep_checkpoints",
     "CheckpointSourceError",
-]
+]  # fmt: skip
 
 #: Relative profile error above which a request is reported as poorly supported.
 FIT_ERROR_WARN = 1e-3
@@ -75,6 +62,7 @@ FIT_ERROR_WARN = 1e-3
 # --------------------------------------------------------------------------- snapshots
 
 
+@_collector.paused()
 def list_snapshots(directory: str | os.PathLike) -> list[SnapshotInfo]:
     """Every snapshot of a directory, checked and sorted by time.
 
@@ -231,6 +219,7 @@ def reliable_range(
 # --------------------------------------------------------------------------- reconstruct
 
 
+@_collector.paused()
 def reconstruct(
     snaps: str | os.PathLike | Iterable[SnapshotInfo],
     sigma_rel: float | Sequence[float] | None = None,

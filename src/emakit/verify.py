@@ -28,6 +28,7 @@ from torch import Tensor
 from . import posthoc, snapshots
 from ._engine.checkpoint import STATE_VERSION
 from ._engine.clock import check_time
+from ._files import collector as _collector
 from ._files import dcp as _dcp
 from ._files.snapshot_check import _first_line, _named, _names, _read_errors, check_snapshots
 
@@ -47,6 +48,7 @@ _BATCH_BYTES = 256 << 20
 _MAX_HEADER = 100_000_000
 
 
+@_collector.paused()
 def verify(paths: Iterable[str | os.PathLike], *, trust: bool = False) -> list[str]:
     """The problems found in ``paths``, one line each (``"<path>: <problem>"``); ``[]`` when all is well.
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from .._files import collector as _collector
 from .._files import dcp as _dcp
 from .clock import check_time
 from .storage import Storage
@@ -207,6 +208,7 @@ class Checkpointing:
 
     # ------------------------------------------------------------------ saving itself (DCP)
 
+    @_collector.paused()
     def save(self, path: str | os.PathLike) -> Path:
         """Save this average as a ``torch.distributed.checkpoint`` directory at ``path``.
 
@@ -221,6 +223,7 @@ class Checkpointing:
         self._check_finite("save", collective=True)  # every rank raises, or none: none waits in the write
         return _dcp.save_atomic(f"{self._owner}.save", self._state(), Path(path))
 
+    @_collector.paused()
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a :meth:`save` directory, written by any number of ranks (resharded on load).
 

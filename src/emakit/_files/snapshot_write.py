@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import checksums as _checksums
+from . import collector as _collector
 from . import dcp as _dcp
 from . import shards as _shard_files
 from .atomic import write_then_rename
@@ -46,6 +47,7 @@ def _final_path(directory: str | os.PathLike, t: float, suffix: str) -> Path:
     return directory / file_name(t, suffix)
 
 
+@_collector.paused()
 def write_snapshot(
     directory: str | os.PathLike,
     *,
@@ -133,6 +135,7 @@ def _own_all(
     return tensors
 
 
+@_collector.paused()
 def rewrite_as_keyframe(path: str | os.PathLike) -> Path:
     """Write a compact delta snapshot again, under its own name, as a keyframe: it then needs no reference.
 
@@ -303,6 +306,7 @@ class DeltaChain:
         return out
 
 
+@_collector.paused()
 def write_sharded_snapshot(
     directory: str | os.PathLike,
     *,
@@ -349,6 +353,7 @@ def write_sharded_snapshot(
     return _dcp.save_atomic("save_snapshot", state, final, extra=describe)
 
 
+@_collector.paused()
 def export(path: str | os.PathLike, directory: str | os.PathLike, *, trust: bool = False) -> Path:
     """Write a sharded snapshot (``.shards`` or DCP) as a single-file ``phema-<t>.safetensors`` in ``directory``.
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._files import collector as _collector
 from . import raw_weights
 from .raw_files import WHERE, CheckpointSourceError, RawCheckpoint, find
 
@@ -108,6 +109,7 @@ def _check_mode(last, steps, ema: dict[str, Any], accumulate: torch.dtype, dtype
             raise ValueError(f"{WHERE}: steps must be (first, last) with first <= last, got steps={tuple(steps)}")
 
 
+@_collector.paused()
 def average_checkpoints(
     checkpoints: Any,
     *,
@@ -170,6 +172,7 @@ def average_checkpoints(
                         accumulate=accumulate, dtype=dtype, progress=progress)[0]
 
 
+@_collector.paused()
 def average_many(
     chosen: list[RawCheckpoint],
     rows: list[list[float]],
@@ -348,6 +351,7 @@ def _bar(progress: Callable[[int], Any] | bool, total: int):
     return _NoBar()
 
 
+@_collector.paused()
 def save_average(averaged: Averaged, path: str | Path, *, key: str | None = None, trust: bool = False) -> Path:
     """Write ``averaged.state_dict`` to ``path`` atomically; returns the path.
 
