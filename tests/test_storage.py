@@ -88,7 +88,7 @@ def test_files_checksummed_by_isal_verify_with_zlib_alone(tmp_path, monkeypatch)
     for name, value in want.items():
         assert_close(got[name], value, rtol=0, atol=0)
     data = bytearray(infos[1].path.read_bytes())
-    data[read_ahead._layout(infos[1].path)["avg.1/0.weight"][2] + 5] ^= 0x01
+    data[read_ahead.parse_layout(infos[1].path)["avg.1/0.weight"][2] + 5] ^= 0x01
     infos[1].path.write_bytes(bytes(data))
     problems = verify.verify([tmp_path])
     assert len(problems) == 1 and "'avg.1/0.weight' does not match its checksum" in problems[0], problems
@@ -181,7 +181,7 @@ def test_an_unknown_checksum_algorithm_is_an_error_naming_the_file(tmp_path):
 def test_read_ahead_names_the_corrupted_tensor_and_a_truncated_file(tmp_path):
     infos = _run(tmp_path, count=3)
     data = bytearray(infos[1].path.read_bytes())
-    layout = read_ahead._layout(infos[1].path)
+    layout = read_ahead.parse_layout(infos[1].path)
     offset = layout["avg.0/0.weight"][2]
     data[offset + 3] ^= 0x10
     infos[1].path.write_bytes(bytes(data))
@@ -222,7 +222,7 @@ def test_reconstruct_groups_names_in_file_order_one_read_per_profile_and_group(t
         pema.update(dt=10)
         pema.save_snapshot(tmp_path)
     infos = posthoc.list_snapshots(tmp_path)
-    assert list(read_ahead._layout(infos[0].path))[:3] == ["avg.0/0", "avg.0/1", "avg.0/10"]
+    assert list(read_ahead.parse_layout(infos[0].path))[:3] == ["avg.0/0", "avg.0/1", "avg.0/10"]
     monkeypatch.setattr(read_ahead, "CHUNK", 4 * 16 * 4)  # groups of four names
     reads = []
     pread = read_ahead._pread
@@ -244,8 +244,27 @@ def test_verify_and_reconstruct_open_each_file_once_however_many_reads(tmp_path,
     real = os.open
     monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
     assert verify.verify([tmp_path]) == []  # the headers read first, on the calling thread
-    posthoc.reconstruct(infos, sigma_rel=0.08, progress=False)  # the headers read on the workers
+    posthoc.reconstruct(infos, sigma_rel=0.08, progress=False)  # where the tensors lie: from the infos
     assert sorted(opened) == sorted(2 * [str(info.path) for info in infos])
+
+
+def test_headers_are_parsed_once_and_again_only_for_a_file_whose_size_changed(tmp_path, monkeypatch):
+    infos = _run(tmp_path)
+    assert all(info.stored == read_ahead.parse_layout(info.path) for info in infos)
+    parsed = []
+    real = read_ahead.parse_layout
+    monkeypatch.setattr(read_ahead, "parse_layout", lambda path: parsed.append(path) or real(path))
+    want = posthoc.reconstruct(infos, sigma_rel=0.08, progress=False)
+    assert parsed == []  # the layouts read_info parsed
+    with open(infos[2].path, "ab") as f:  # a file that changed since: its header is read again
+        f.write(b"\0" * 16)
+    got = posthoc.reconstruct(infos, sigma_rel=0.08, progress=False)
+    assert parsed == [infos[2].path]
+    for name, value in want.items():
+        assert_close(got[name], value, rtol=0, atol=0)
+    monkeypatch.setattr(read_ahead, "parse_layout", lambda path: {})  # a changed file that holds no such tensor
+    with pytest.raises(snapshots.SnapshotError, match=rf"{infos[2].path.name}: holds no tensor"):
+        posthoc.reconstruct(infos, sigma_rel=0.08, progress=False)
 
 
 def test_buffers_of_every_stored_dtype_verify_and_come_back_bit_for_bit(tmp_path):
@@ -290,7 +309,7 @@ def test_run_groups_hands_every_piece_once_in_order_and_checks_large_tensors_aft
     assert len(seen[(infos[0].t, "avg.0/0.weight")]) == 2  # 120 bytes in pieces of 64
     # A flipped bit in the second piece of the large tensor: an error for that group only, after the pieces.
     data = bytearray(infos[1].path.read_bytes())
-    data[read_ahead._layout(infos[1].path)["avg.0/0.weight"][2] + 100] ^= 0x01
+    data[read_ahead.parse_layout(infos[1].path)["avg.0/0.weight"][2] + 100] ^= 0x01
     infos[1].path.write_bytes(bytes(data))
     seen.clear()
     results = dict(read_ahead.run_groups(groups))

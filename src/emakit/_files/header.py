@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -107,6 +107,9 @@ class SnapshotInfo:
     # compact delta snapshot: avg key -> the coefficients of its prediction (emakit._files.compact); absent: none
     predictors: Mapping[str, tuple[float, ...]] | None = None
     previous: float | None = None  # compact delta snapshot that predicts from it: the t of its reference's reference
+    # single file: key -> (dtype, shape, file offset, bytes), as the header that read_info parsed places them (readers
+    # reuse it while the file keeps the size it had then); None where not known
+    stored: Mapping[str, tuple] | None = field(default=None, repr=False, compare=False)
 
     @property
     def pickled(self) -> bool:

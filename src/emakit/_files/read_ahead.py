@@ -77,8 +77,15 @@ def supports(info: SnapshotInfo) -> bool:
     return not info.sharded and info.encoding == "fp32"
 
 
-def _layout(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+def parse_layout(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
     """``key -> (dtype, shape, file offset, bytes)`` of a safetensors file, checked against its size."""
+    return parse_header(path)[1]
+
+
+def parse_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """A safetensors file's metadata (``{}`` where it has none) and :func:`parse_layout`'s table, from one parse of
+    its header: the tensors checked against the file's size (lying inside it, of the size their shape needs, not
+    overlapping), the metadata a mapping of strings; :class:`SnapshotError` naming the file where not."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -86,19 +93,22 @@ def _layout(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, in
             if size < 8 or length > min(size - 8, _MAX_HEADER):
                 raise ValueError(f"header length {length} in a file of {size} bytes")
             header = json.loads(f.read(length))
-        table = {}
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"])
-            start, end = (int(n) for n in entry["data_offsets"])
+        table, base, metadata = {}, 8 + length, header.pop("__metadata__", None) or {}
+        if not all(type(k) is str and type(v) is str for k, v in metadata.items()):
+            raise ValueError("its metadata is not a mapping of strings")
+        for key, entry in header.items():  # (a model of thousands of tensors: kept to a few steps per tensor)
+            dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], tuple(map(int, entry["shape"]))
+            start, end = map(int, entry["data_offsets"])
             nbytes = math.prod(shape) * dtype.itemsize
-            if min(shape, default=0) < 0 or not 0 <= start <= end or end - start != nbytes or 8 + length + end > size:
+            if min(shape, default=0) < 0 or not 0 <= start <= end == start + nbytes or base + end > size:
                 raise ValueError(f"tensor {key!r} lies outside the file or does not match its shape")
-            table[key] = (dtype, shape, 8 + length + start, nbytes)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            table[key] = (dtype, shape, base + start, nbytes)
+        spans = sorted((entry[2], entry[3]) for entry in table.values())
+        if any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:])):
+            raise ValueError("tensors overlap")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise SnapshotError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
-    return table
+    return metadata, table
 
 
 def run_groups(groups: Iterable[tuple], layouts: dict[Path, dict] | None = None) -> Iterator[tuple[int, Exception | None]]:
@@ -154,7 +164,7 @@ class _Files:
         if layout is None or info.path not in self.tried:
             with self.lock:
                 if info.path not in self.layouts:
-                    self.layouts[info.path] = _layout(info.path)
+                    self.layouts[info.path] = _known(info) or parse_layout(info.path)
                 if info.path not in self.tried:
                     if len(self.fds) < _OPEN_FILES:
                         with contextlib.suppress(OSError):  # then each read opens it, and names it if it cannot
@@ -174,11 +184,22 @@ class _Files:
 
 
 def layout(info: SnapshotInfo, layouts: dict[Path, dict]) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
-    """``key -> (dtype, shape, file offset, bytes)`` of a snapshot :func:`supports` reads, from ``layouts`` or its
-    header (then kept in ``layouts``); :class:`SnapshotError` when it is not a safetensors file."""
+    """``key -> (dtype, shape, file offset, bytes)`` of a snapshot :func:`supports` reads, from ``layouts``, the
+    info (what ``read_info`` parsed, while the file has the size it had then) or its header (then kept in
+    ``layouts``); :class:`SnapshotError` when it is not a safetensors file."""
     if info.path not in layouts:
-        layouts[info.path] = _layout(info.path)
+        layouts[info.path] = _known(info) or parse_layout(info.path)
     return layouts[info.path]
+
+
+def _known(info: SnapshotInfo) -> dict | None:
+    """The layout ``read_info`` parsed, if the file still has the size it had then (else None: parse it again)."""
+    if info.stored is None:
+        return None
+    try:
+        return info.stored if os.stat(info.path).st_size == info.nbytes else None
+    except OSError:
+        return None  # (parsing it again names the problem)
 
 
 def in_chunks(info: SnapshotInfo, keys: Sequence[str], layouts: dict[Path, dict]) -> list[list[str]]:

@@ -57,15 +57,15 @@ def _names(names: list[str]) -> str:
 
 
 def check_snapshots(paths: list[Path]) -> list[_SnapshotCheck]:
-    """Read and check every tensor of the snapshots ``paths``: those of plain files on the worker threads (a file's
-    header read while the workers check the files before it), the others through their readers, one at a time."""
+    """Read and check every tensor of the snapshots ``paths``: those of plain files on the worker threads, the
+    others through their readers, one at a time. Every header is read first: parsed while the workers read, they
+    made the workers wait for the GIL after each read (verify 10-15% slower)."""
     layouts: dict[Path, dict] = {}
-    checks: list[_SnapshotCheck] = []
+    checks = [_SnapshotCheck(path) for path in paths]
     owners: list[tuple[_SnapshotCheck, int]] = []  # the check and its error slot of every group
 
     def groups():
-        for path in paths:
-            checks.append(check := _SnapshotCheck(path))
+        for check in checks:
             if check.info is None:
                 continue
             if not _read_ahead.supports(check.info):

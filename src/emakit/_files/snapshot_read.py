@@ -12,6 +12,7 @@ codec), imported on first use. Writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -78,22 +79,23 @@ def snapshot_paths(directory: str | os.PathLike) -> list[Path]:
     )
 
 
+#: safetensors' name of each dtype it stores ("F32", "U8", ...).
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
 def read_info(path: str | os.PathLike) -> SnapshotInfo:
     """Read and check a snapshot's header; :class:`SnapshotError` naming the file if it is not valid."""
     path = Path(path)
     if path.is_dir():
         return _read_dcp_info(path)
-    _, safe_open = _safetensors()
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            stored = {k: f.get_slice(k).get_dtype() for k in keys}
-    except Exception as e:  # safetensors raises its own types for truncated / malformed files
-        raise SnapshotError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+    try:  # one parse of the header: the metadata, and where each tensor lies (kept for the readers)
+        meta, table = _read_ahead.parse_header(path)
+        shapes, stored = {k: v[1] for k, v in table.items()}, {k: _DTYPE_NAMES[v[0]] for k, v in table.items()}
+    except SnapshotError:  # what safetensors says of it, or it reads what that parser does not know
+        table = None
+        meta, shapes, stored = _read_with_safetensors(path)
     info = _parse_info(path, meta, shapes, path.stat().st_size)
-    for key in keys:
+    for key in shapes:
         if info.encoding == "compact" and key.startswith("avg."):
             if stored[key] != "U8" or len(shapes[key]) != 1:
                 raise SnapshotError(f"{path}: compact tensor {key!r} is stored as {stored[key]}, expected U8 bytes")
@@ -103,7 +105,19 @@ def read_info(path: str | os.PathLike) -> SnapshotInfo:
                 f"{path}: tensor {key!r} is stored as {stored[key]}, but the header says the averages are "
                 f"{dtype_name(info.dtype)} (corrupted or edited header?)"
             )
-    return info
+    return info if table is None else dataclasses.replace(info, stored=table)
+
+
+def _read_with_safetensors(path: Path) -> tuple[dict, dict, dict]:
+    """The metadata, shapes and stored dtype names of a safetensors file, as safetensors reads them."""
+    _, safe_open = _safetensors()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            return f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in keys}, \
+                {k: f.get_slice(k).get_dtype() for k in keys}  # fmt: skip
+    except Exception as e:  # safetensors raises its own types for truncated / malformed files
+        raise SnapshotError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
 
 
 #: No compressor a compact snapshot uses expands its bytes more than this (zlib: about 1032).
